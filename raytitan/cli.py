@@ -1,0 +1,105 @@
+"""`raytitan` command line: train | prepare."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from raytitan.config import ConfigError, load_job_config
+from raytitan.config.manager import help_text
+from raytitan.metrics import init_logging
+
+USAGE = """raytitan <command> [options]
+
+commands:
+  train    --config FILE [--dry-run] [--section.key value ...]   train on Ray
+  prepare  --input PATH --output DIR [--tokenizer PATH]          tokenize a corpus
+"""
+
+
+def _train(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print("usage: raytitan train --config FILE [--dry-run] [--section.key value ...]\n")
+        print(help_text())
+        return 0
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file path")
+        config_path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    cfg = load_job_config(config_path, argv)
+    if dry_run:
+        from raytitan.plan import build_plan
+
+        plan = build_plan(cfg, cfg.ray.num_workers)
+        print(f"dry run: {cfg.model.flavor} on {cfg.ray.num_workers} workers: OK")
+        print(plan.describe())
+        dims = plan.parallel_dims
+        shards = dims.dp_shard * dims.tp * dims.pp
+        # fp32 master weights + grads + 2 Adam moments = 16 bytes per parameter.
+        state_gib = plan.model_args.num_params() * 16 / shards / 2**30
+        print(f"memory: ~{state_gib:.1f} GiB per device of weights, grads and optimizer "
+              "state (activations not included)")
+        return 0
+    from raytitan.launcher import launch
+
+    launch(cfg)
+    return 0
+
+
+def _prepare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="raytitan prepare",
+                                     description="Tokenize a corpus into token shards.")
+    parser.add_argument("--input", required=True,
+                        help="file, folder or glob of .txt/.md/.jsonl/.parquet (local or s3://)")
+    parser.add_argument("--output", required=True, help="output folder (local or s3://)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json (or a folder with one); default: train a BPE")
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="vocabulary of the BPE trained when no tokenizer is given")
+    parser.add_argument("--shard-tokens", type=int, default=32 * 2**20,
+                        help="tokens per output shard (approximate)")
+    parser.add_argument("--local", action="store_true",
+                        help="tokenize in this process instead of a Ray Data pipeline")
+    args = parser.parse_args(argv)
+    kwargs = dict(tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
+                  shard_tokens=args.shard_tokens)
+    if args.local:
+        from raytitan.data.prepare import prepare_local
+
+        prepare_local(args.input, args.output, **kwargs)
+    else:
+        import ray
+
+        from raytitan.config import JobConfig
+        from raytitan.data.ray_io import prepare_ray
+        from raytitan.launcher import init_ray
+
+        init_ray(JobConfig())
+        prepare_ray(args.input, args.output, **kwargs)
+        ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    init_logging(rank=0)
+    logging.getLogger("raytitan").setLevel(logging.INFO)
+    commands = {"train": _train, "prepare": _prepare}
+    if not argv or argv[0] not in commands:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    try:
+        sys.exit(commands[argv[0]](argv[1:]))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"raytitan {argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The run configuration: one dataclass per TOML section.
+
+These dataclasses are the only home of defaults. A TOML job file overrides them and
+`--section.key value` flags override the file (see `manager.py`). Each field's docstring is
+what `raytitan train --help` prints. Checks that need one field live in `__post_init__`;
+checks across sections (mesh vs world size, batch arithmetic) live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, value and choices."""
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} = {value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} = {value!r} must be {bound}")
+
+
+@dataclass
+class Job:
+    name: str = "raytitan"
+    """Run name: the Ray run directory name and the TensorBoard run name."""
+
+    dump_folder: str = "./outputs"
+    """Folder for this run's outputs (metrics.jsonl, TensorBoard, Ray run state)."""
+
+    description: str = ""
+    """Free text describing the run; logged at start."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"job.name = {self.name!r} must be a non-empty name without '/'")
+
+
+MODEL_FLAVORS = ("debug", "1B", "3B", "8B", "70B", "405B")
+
+
+@dataclass
+class Model:
+    name: str = "llama3"
+    """Model family. Only 'llama3' exists."""
+
+    flavor: str = "debug"
+    """Model size, one of: debug, 1B, 3B, 8B, 70B, 405B."""
+
+    vocab_size: int = 0
+    """Vocabulary size. 0 = the flavor's own (debug: the tokenizer's size)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.name", self.name, ("llama3",))
+        _check_choice("model.flavor", self.flavor, MODEL_FLAVORS)
+        _check_positive("model.vocab_size", self.vocab_size, allow_zero=True)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+DECAY_TYPES = ("linear", "cosine", "sqrt")
+
+
+@dataclass
+class Training:
+    steps: int = 100
+    """Number of optimizer steps to train."""
+
+    seed: int = 0
+    """Seed for weight init and the data order; the same seed gives the same run."""
+
+    local_batch_size: int = 8
+    """Samples per data-parallel rank per micro-step."""
+
+    global_batch_size: int = -1
+    """Samples per optimizer step over all ranks; -1 = local_batch_size * dp degree.
+    Must be a multiple of local_batch_size * dp; the ratio is the gradient accumulation."""
+
+    seq_len: int = 2048
+    """Tokens per sample."""
+
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    warmup_steps: int = 200
+    """Linear warm-up steps from 0 to lr."""
+
+    decay_type: str = "cosine"
+    """Decay after warm-up: linear, cosine or sqrt."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+
+    max_norm: float = 1.0
+    """Gradient clipping max norm (L2, over all parameters); 0 disables clipping."""
+
+    mixed_precision_param: str = "bfloat16"
+    """Compute dtype of parameters in forward/backward: float32, bfloat16 or float16.
+    Master weights and optimizer state stay float32."""
+
+    mixed_precision_reduce: str = "float32"
+    """Dtype of gradient reduction across data-parallel ranks (FSDP): float32 or bfloat16."""
+
+    deterministic: bool = False
+    """Use deterministic algorithms (slower on GPU); runs with the same seed are bitwise equal."""
+
+    num_threads: int = 0
+    """CPU threads per process for torch ops; 0 = cores / local processes. Fixed per run so
+    results do not depend on the launcher."""
+
+    def __post_init__(self) -> None:
+        _check_positive("training.steps", self.steps)
+        _check_positive("training.local_batch_size", self.local_batch_size)
+        if self.global_batch_size != -1:
+            _check_positive("training.global_batch_size (or -1)", self.global_batch_size)
+        _check_positive("training.seq_len", self.seq_len)
+        _check_positive("training.lr", self.lr)
+        _check_positive("training.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("training.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("training.max_norm", self.max_norm, allow_zero=True)
+        _check_positive("training.num_threads", self.num_threads, allow_zero=True)
+        _check_choice("training.decay_type", self.decay_type, DECAY_TYPES)
+        _check_choice("training.mixed_precision_param", self.mixed_precision_param, DTYPES)
+        _check_choice(
+            "training.mixed_precision_reduce", self.mixed_precision_reduce, ("float32", "bfloat16")
+        )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"training.min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"training.{name} = {value} must be in [0, 1)")
+
+
+PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """Replicas of the model (DDP-style; with dp_shard > 1 this is HSDP)."""
+
+    data_parallel_shard_degree: int = -1
+    """FSDP2 shard degree; -1 = whatever the world size leaves after the other degrees."""
+
+    tensor_parallel_degree: int = 1
+    """Tensor parallel degree (with sequence parallel on norms)."""
+
+    pipeline_parallel_degree: int = 1
+    """Pipeline parallel degree (number of pipeline ranks)."""
+
+    pipeline_parallel_schedule: str = "1F1B"
+    """Pipeline schedule: GPipe, 1F1B or Interleaved1F1B (2 stages per pipeline rank)."""
+
+    microbatches: int = -1
+    """Pipeline microbatches per local batch; -1 = the number of pipeline stages."""
+
+    def __post_init__(self) -> None:
+        for name in ("data_parallel_replicate_degree", "tensor_parallel_degree",
+                     "pipeline_parallel_degree"):
+            _check_positive(f"parallelism.{name}", getattr(self, name))
+        if self.data_parallel_shard_degree != -1:
+            _check_positive("parallelism.data_parallel_shard_degree (or -1)",
+                            self.data_parallel_shard_degree)
+        if self.microbatches != -1:
+            _check_positive("parallelism.microbatches (or -1)", self.microbatches)
+        _check_choice("parallelism.pipeline_parallel_schedule", self.pipeline_parallel_schedule,
+                      PP_SCHEDULES)
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"
+    """none; full (recompute each block); selective (keep matmul and attention outputs,
+    recompute the cheap element-wise ops)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("activation_checkpoint.mode", self.mode, ("none", "full", "selective"))
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block (cold compile takes a while on CPU)."""
+
+
+@dataclass
+class Data:
+    path: str = ""
+    """A prepared dataset (folder with manifest.json, local or s3://). Empty = the builtin
+    corpus (Python's own documentation), prepared into cache_dir on first use."""
+
+    cache_dir: str = "~/.cache/raytitan"
+    """Where the builtin corpus is prepared and cached."""
+
+    tokenizer_vocab_size: int = 2048
+    """Vocabulary size of the BPE trained for the builtin corpus."""
+
+    def __post_init__(self) -> None:
+        _check_positive("data.tokenizer_vocab_size", self.tokenizer_vocab_size)
+        if self.tokenizer_vocab_size < 260:
+            raise ConfigError(
+                f"data.tokenizer_vocab_size = {self.tokenizer_vocab_size} must be >= 260 "
+                "(256 bytes + special tokens)"
+            )
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log metrics every this many steps (the first and last step are always logged)."""
+
+    enable_tensorboard: bool = False
+    """Write TensorBoard event files under <dump_folder>/tb/<job.name>."""
+
+    peak_flops: float = 0.0
+    """Peak bf16 FLOP/s of one device for MFU; 0 = look it up from the GPU name (unknown
+    devices and CPUs report no MFU)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("metrics.log_freq", self.log_freq)
+        _check_positive("metrics.peak_flops", self.peak_flops, allow_zero=True)
+
+
+@dataclass
+class Ray:
+    num_workers: int = 2
+    """Training workers (one per GPU on GPU clusters); the world size."""
+
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
+
+    address: str = ""
+    """Ray cluster to join ('auto', 'ray://host:10001', ...); empty = $RAY_ADDRESS if set,
+    else start a local Ray on 127.0.0.1."""
+
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+
+    max_failures: int = 0
+    """Worker-group restarts Ray allows before failing the run (-1 = unlimited)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("ray.num_workers", self.num_workers)
+        _check_positive("ray.cpus_per_worker", self.cpus_per_worker)
+        if self.max_failures < -1:
+            raise ConfigError(f"ray.max_failures = {self.max_failures} must be >= -1")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    data: Data = field(default_factory=Data)
+    metrics: Metrics = field(default_factory=Metrics)
+    ray: Ray = field(default_factory=Ray)

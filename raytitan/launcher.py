@@ -1,0 +1,101 @@
+"""Start a run on Ray: the only module of the training path that imports ray.
+
+It validates the whole config for `ray.num_workers` before anything starts, joins a Ray
+cluster (`ray.address`, $RAY_ADDRESS inside `ray job submit`) or starts a local one on
+127.0.0.1, prepares the dataset with Ray Data if needed, and runs a TorchTrainer whose
+workers each run `raytitan.train.Trainer` with a Ray Data shard reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import ray
+import ray.train
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raytitan.config import JobConfig, build_job_config, to_dict
+from raytitan.data import resolve_dataset
+from raytitan.data.ray_io import prepare_ray, read_shards_ray
+from raytitan.plan import build_plan
+
+logger = logging.getLogger("raytitan")
+
+# Ray Data read tasks need CPUs next to the training workers; without spare CPUs they are
+# backpressured forever on a 2-core machine (PLATFORM.md), so a local Ray gets at least this many.
+_SPARE_CPUS_FOR_DATA = 2
+
+
+def _train_loop_per_worker(config: dict) -> None:
+    """Runs in each Ray worker: the same Trainer as under torchrun, fed by Ray Data."""
+    from raytitan.train import Trainer
+
+    Trainer(build_job_config(config), read_shards=read_shards_ray, report=_report).train()
+
+
+def _report(metrics: dict, checkpoint_dir: str | None) -> None:
+    checkpoint = Checkpoint(path=checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Join the configured cluster, else start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        logger.info("joining Ray cluster at %s", address)
+        ray.init(address=address)
+        return
+    # NOTE: without this Ray binds a non-loopback address even when told 127.0.0.1.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + _SPARE_CPUS_FOR_DATA
+    num_cpus = max(os.cpu_count() or 1, int(need + 0.999))
+    logger.info("starting a local Ray (num_cpus=%d) on 127.0.0.1", num_cpus)
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1")
+
+
+def absolutize(cfg: JobConfig) -> JobConfig:
+    """Workers do not share the driver's working directory: pin local paths."""
+    def fix(path: str) -> str:
+        if not path or "://" in path:
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+
+    return dataclasses.replace(
+        cfg,
+        job=dataclasses.replace(cfg.job, dump_folder=fix(cfg.job.dump_folder)),
+        data=dataclasses.replace(cfg.data, path=fix(cfg.data.path),
+                                 cache_dir=fix(cfg.data.cache_dir)),
+    )
+
+
+def launch(cfg: JobConfig) -> ray.train.Result:
+    """Validate, start (or join) Ray, prepare data, train. Returns Ray's Result."""
+    plan = build_plan(cfg, cfg.ray.num_workers)  # fails before any worker starts
+    logger.info("%s", plan.describe())
+    cfg = absolutize(cfg)
+    init_ray(cfg)
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, path=resolve_dataset(cfg.data, prepare_ray)))
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.job.name,
+            storage_path=cfg.job.dump_folder,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    logger.info("run finished: %s", {k: v for k, v in (result.metrics or {}).items()})
+    return result

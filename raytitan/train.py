@@ -1,0 +1,260 @@
+"""The per-worker training program. It never imports Ray: the launcher hands it a shard
+reader (Ray Data) and a report callback; under torchrun it reads shards with pyarrow.
+
+    torchrun --nproc-per-node 2 -m raytitan.train --config jobs/debug.toml [--section.key v]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raytitan.config import JobConfig, load_job_config
+from raytitan.data import resolve_dataset
+from raytitan.data.prepare import Manifest, prepare_local
+from raytitan.data.stream import ReadShards, TokenStream, read_shards_local
+from raytitan.metrics import MetricsLogger, init_logging, memory_gib, peak_flops
+from raytitan.models.llama3 import Llama3
+from raytitan.models.llama3.parallelize import parallelize_llama3
+from raytitan.models.llama3.pipeline import build_pipeline_schedule, split_into_stages
+from raytitan.parallel.utils import clip_grad_norm_, fill_param
+from raytitan.plan import build_plan
+
+logger = logging.getLogger("raytitan")
+
+# Called with (metrics, checkpoint_dir or None) on every rank; the launcher's sends to Ray.
+ReportFn = Callable[[dict, "str | None"], None]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy, computed in float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then decay to
+    lr * min_lr_ratio. A pure function of the step, so it needs no checkpoint state."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
+    factor = {
+        "linear": 1.0 - progress,
+        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+        "sqrt": 1.0 - math.sqrt(progress),
+    }[cfg.decay_type]
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+
+
+def init_distributed(device_type: str) -> None:
+    """Join the process group torchrun or Ray's TorchTrainer describes (env://)."""
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        read_shards: ReadShards = read_shards_local,
+        report: ReportFn | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.report = report
+        t = cfg.training
+        self.device = torch.device(
+            f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_distributed(self.device.type)
+        self.rank, world_size = dist.get_rank(), dist.get_world_size()
+        init_logging(self.rank)
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // local_procs))
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+
+        # Data first: the debug model takes its vocabulary size from the tokenizer.
+        if self.rank == 0:
+            dataset = resolve_dataset(cfg.data, prepare_local)
+        dataset_box = [dataset if self.rank == 0 else None]
+        dist.broadcast_object_list(dataset_box, src=0)
+        manifest = Manifest.load(dataset_box[0])
+
+        self.plan = build_plan(cfg, world_size, vocab_size=manifest.vocab_size)
+        if manifest.vocab_size > self.plan.model_args.vocab_size:
+            raise ValueError(
+                f"tokenizer of {manifest.root} has {manifest.vocab_size} tokens, more than "
+                f"model.vocab_size {self.plan.model_args.vocab_size}"
+            )
+        dims = self.plan.parallel_dims
+        self.mesh = dims.build_mesh(self.device.type)
+        logger.info("%s", self.plan.describe())
+        self.stream = TokenStream(
+            manifest,
+            seq_len=t.seq_len,
+            seed=t.seed,
+            dp_rank=dims.dp_mesh.get_local_rank(),
+            dp_degree=dims.dp,
+            global_batch_size=self.plan.global_batch_size,
+            read_shards=read_shards,
+        )
+        self.stream.start()  # the first shard loads while the model is built
+        self._build_model()
+        self.optimizer = torch.optim.AdamW(
+            [p for m in self.model_parts for p in m.parameters()],
+            lr=lr_at(1, t), betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
+            foreach=True,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, cfg.job.name,
+                                     enabled=self.rank == 0)
+        self.peak_flops = peak_flops(cfg.metrics, self.device)
+
+    def _build_model(self) -> None:
+        """Meta-device model -> pipeline stages -> parallelize -> allocate -> init."""
+        cfg, dims = self.cfg, self.plan.parallel_dims
+        with torch.device("meta"):
+            model = Llama3(self.plan.model_args)
+        if dims.pp_enabled:
+            stages = split_into_stages(model, self.mesh["pp"].get_local_rank(), dims.pp,
+                                       cfg.parallelism.pipeline_parallel_schedule)
+        else:
+            stages = [(0, model)]
+        self.model_parts = []
+        for _, part in stages:
+            parallelize_llama3(part, dims, training=cfg.training,
+                               activation_checkpoint=cfg.activation_checkpoint,
+                               compile_cfg=cfg.compile)
+            part.to_empty(device=self.device)
+            part.init_weights(cfg.training.seed, fill=fill_param, buffer_device=self.device)
+            part.train()
+            self.model_parts.append(part)
+        self.pp_schedule = None
+        if dims.pp_enabled:
+            accum = self.plan.grad_accum_steps
+            self.pp_schedule = build_pipeline_schedule(
+                stages,
+                schedule=cfg.parallelism.pipeline_parallel_schedule,
+                pp_degree=dims.pp,
+                pp_mesh=self.mesh["pp"],
+                n_microbatches=self.plan.pp_microbatches,
+                loss_fn=lambda logits, labels: cross_entropy(logits, labels) / accum,
+                device=self.device,
+            )
+            self.pp_first = any(idx == 0 for idx, _ in stages)
+            self.pp_last = any(part.output is not None for _, part in stages)
+        # Without FSDP, mixed precision comes from autocast (FSDP casts parameters itself).
+        dtype = getattr(torch, cfg.training.mixed_precision_param)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=dtype)
+            if dtype != torch.float32 and not dims.dp_enabled else contextlib.nullcontext()
+        )
+
+    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's samples [n, seq_len + 1].
+        Returns this rank's loss contribution and the global grad norm."""
+        accum = self.plan.grad_accum_steps
+        loss = torch.zeros((), device=self.device)
+        for micro in tokens.to(self.device).chunk(accum):
+            inputs, labels = micro[:, :-1], micro[:, 1:]
+            if self.pp_schedule is not None:
+                losses: list[torch.Tensor] = []
+                args = (inputs,) if self.pp_first else ()
+                self.pp_schedule.step(*args, target=labels, losses=losses)
+                if self.pp_last:  # losses already divided by accum in the loss fn
+                    loss += torch.stack(losses).mean().detach()
+            else:
+                with self.autocast:
+                    micro_loss = cross_entropy(self.model_parts[0](inputs), labels) / accum
+                micro_loss.backward()
+                loss += micro_loss.detach()
+        params = [p for m in self.model_parts for p in m.parameters()]
+        pp_mesh = self.mesh["pp"] if self.plan.parallel_dims.pp_enabled else None
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_mesh)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        """Mean loss over DP ranks. Every TP rank of the loss-holding stage has the same
+        value and other pipeline stages hold 0, so sum over the world / (dp * tp)."""
+        dims = self.plan.parallel_dims
+        total = local_loss.detach().clone()
+        dist.all_reduce(total)
+        return total.item() / (dims.dp * dims.tp)
+
+    def train(self) -> dict:
+        """Run to training.steps; returns the last logged metrics."""
+        cfg = self.cfg.training
+        freq = self.cfg.metrics.log_freq
+        last: dict = {}
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        logger.info("training %d steps", cfg.steps)
+        while self.step < cfg.steps:
+            self.step += 1
+            lr = lr_at(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            wait_start = time.perf_counter()
+            batch = self.stream.next_batch()
+            window_wait += time.perf_counter() - wait_start
+            loss, grad_norm = self.train_step(batch.tokens)
+            self.tokens_seen += self.plan.tokens_per_step
+            window_steps += 1
+            if self.step % freq == 0 or self.step in (1, cfg.steps):
+                elapsed = time.perf_counter() - window_start
+                last = self._log(loss, grad_norm, lr, elapsed, window_steps, window_wait)
+                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        if self.report is not None:
+            self.report(last, None)
+        self.metrics.close()
+        return last
+
+    def _log(self, loss, grad_norm, lr, elapsed, steps, wait) -> dict:
+        step_time = elapsed / steps
+        tps = self.plan.tokens_per_step / step_time
+        values = {
+            "loss": self.global_loss(loss),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "tokens_per_sec": tps,
+            "tokens_per_sec_per_device": tps / self.plan.parallel_dims.world_size,
+            "step_time_sec": step_time,
+            "data_wait_sec": wait / steps,
+            "memory_gib": memory_gib(self.device),
+            "tokens_seen": self.tokens_seen,
+            "eta_sec": step_time * (self.cfg.training.steps - self.step),
+        }
+        if self.peak_flops:
+            flops = self.plan.model_args.flops_per_token(self.plan.seq_len) * tps
+            values["mfu"] = flops / (self.peak_flops * self.plan.parallel_dims.world_size)
+        self.metrics.log(self.step, values)
+        return {"step": self.step, **values}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    config_path = None
+    if argv[:1] == ["--config"]:
+        config_path, argv = argv[1], argv[2:]
+    cfg = load_job_config(config_path, argv)
+    Trainer(cfg).train()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
