@@ -86,7 +86,7 @@ def build_plan(cfg: JobConfig, world_size: int, vocab_size: int | None = None) -
                 f"{par.pipeline_parallel_schedule} with pipeline_parallel_degree {dims.pp} needs "
                 f"{num_stages} stages but model {cfg.model.flavor} has {args.n_layers} layers"
             )
-        microbatches = num_stages if par.microbatches == -1 else par.microbatches
+        microbatches = dims.pp if par.microbatches == -1 else par.microbatches
         if t.local_batch_size % microbatches:
             raise ConfigError(
                 f"training.local_batch_size ({t.local_batch_size}) must be divisible by "

@@ -144,14 +144,15 @@ class Trainer:
             self.model_parts.append(part)
         self.pp_schedule = None
         if dims.pp_enabled:
-            accum = self.plan.grad_accum_steps
+            # Each microbatch loss is a 1/(accum * microbatches) share of the step's mean loss.
+            scale = self.plan.grad_accum_steps * self.plan.pp_microbatches
             self.pp_schedule = build_pipeline_schedule(
                 stages,
                 schedule=cfg.parallelism.pipeline_parallel_schedule,
                 pp_degree=dims.pp,
                 pp_mesh=self.mesh["pp"],
                 n_microbatches=self.plan.pp_microbatches,
-                loss_fn=lambda logits, labels: cross_entropy(logits, labels) / accum,
+                loss_fn=lambda logits, labels: cross_entropy(logits, labels) / scale,
                 device=self.device,
             )
             self.pp_first = any(idx == 0 for idx, _ in stages)
@@ -174,8 +175,8 @@ class Trainer:
                 losses: list[torch.Tensor] = []
                 args = (inputs,) if self.pp_first else ()
                 self.pp_schedule.step(*args, target=labels, losses=losses)
-                if self.pp_last:  # losses already divided by accum in the loss fn
-                    loss += torch.stack(losses).mean().detach()
+                if self.pp_last:  # each already scaled by 1 / (accum * microbatches)
+                    loss += torch.stack(losses).sum().detach()
             else:
                 with self.autocast:
                     micro_loss = cross_entropy(self.model_parts[0](inputs), labels) / accum

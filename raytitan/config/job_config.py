@@ -170,7 +170,7 @@ class Parallelism:
     """Pipeline schedule: GPipe, 1F1B or Interleaved1F1B (2 stages per pipeline rank)."""
 
     microbatches: int = -1
-    """Pipeline microbatches per local batch; -1 = the number of pipeline stages."""
+    """Pipeline microbatches per local batch; -1 = pipeline_parallel_degree."""
 
     def __post_init__(self) -> None:
         for name in ("data_parallel_replicate_degree", "tensor_parallel_degree",

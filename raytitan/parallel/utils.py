@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 
 @torch.no_grad()
@@ -34,6 +34,11 @@ def clip_grad_norm_(
         g = p.grad
         if g is None:
             continue
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            # Replicated params used on sequence-sharded inputs (SP norms) get Partial grads:
+            # reduce them now (the optimizer would otherwise do it implicitly per step).
+            g = p.grad = g.redistribute(
+                placements=[Replicate() if pl.is_partial() else pl for pl in g.placements])
         if isinstance(g, DTensor):
             groups.setdefault((g.device_mesh, tuple(g.placements)), []).append(g.to_local())
         else:
@@ -46,8 +51,6 @@ def clip_grad_norm_(
         if key:
             mesh, placements = key
             for dim, placement in enumerate(placements):
-                if placement.is_partial():
-                    raise RuntimeError(f"gradient with Partial placement on mesh {mesh}")
                 if placement.is_shard():
                     dist.all_reduce(sq, group=mesh.get_group(dim))
         total_sq += sq

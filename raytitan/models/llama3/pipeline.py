@@ -65,8 +65,11 @@ def build_pipeline_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
 ) -> _PipelineSchedule:
-    """Wrap stage modules in PipelineStages and build the named schedule. Gradients are
-    averaged over microbatches (scale_grads), so they match one big batch."""
+    """Wrap stage modules in PipelineStages and build the named schedule.
+
+    NOTE: scale_grads is off: it divides the whole accumulated .grad at the end of every
+    step(), which also shrinks the gradients of earlier accumulation steps. `loss_fn` must
+    divide by the microbatch count itself."""
     num_stages = pp_degree * STAGES_PER_RANK[schedule]
     pipeline_stages = [
         PipelineStage(module, idx, num_stages, device, group=pp_mesh.get_group())
@@ -74,6 +77,7 @@ def build_pipeline_schedule(
     ]
     if schedule == "Interleaved1F1B":
         return ScheduleInterleaved1F1B(pipeline_stages, n_microbatches=n_microbatches,
-                                       loss_fn=loss_fn)
+                                       loss_fn=loss_fn, scale_grads=False)
     cls = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}[schedule]
-    return cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    return cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
+               scale_grads=False)
