@@ -199,10 +199,17 @@ class TokenStream:
         k = int(np.searchsorted(ends, offset, side="right"))
         if self._reader_next != (epoch, k):
             # Open a reader at shard k: the shards before it are never read.
-            urls = [self.manifest.shard_url(int(s)) for s in order[k:]]
-            self._reader = _Prefetch(self.read_shards(urls))
+            self._reader = _Prefetch(self._shards_from(epoch, k))
             self._reader_next = (epoch, k)
         return order, ends, k
+
+    def _shards_from(self, epoch: int, k: int) -> Iterator[tuple[str, np.ndarray]]:
+        """Shards in stream order from shard k of `epoch` on, through all later epochs (so
+        the prefetch runs across epoch boundaries too)."""
+        while True:
+            urls = [self.manifest.shard_url(int(s)) for s in self._shard_order(epoch)[k:]]
+            yield from self.read_shards(urls)
+            epoch, k = epoch + 1, 0
 
     def _load(self, epoch: int, offset: int) -> _LoadedShard:
         order, ends, k = self._locate_reader(epoch, offset)
@@ -211,7 +218,7 @@ class TokenStream:
         expected = self.manifest.shard_url(shard_id)
         if url.rstrip("/").rsplit("/", 1)[-1] != expected.rsplit("/", 1)[-1]:
             raise RuntimeError(f"shard reader returned {url} where {expected} was expected")
-        self._reader_next = (epoch, k + 1) if k + 1 < len(order) else None
+        self._reader_next = (epoch, k + 1) if k + 1 < len(order) else (epoch + 1, 0)
         n = int(self.samples_per_shard[shard_id])
         perm = np.random.default_rng([self.seed, epoch, shard_id]).permutation(n)
         samples = tokens[: n * self.sample_len].reshape(n, self.sample_len)[perm]
