@@ -127,6 +127,6 @@ def test_too_long_samples_are_rejected(manifest):
 
 
 def test_shard_tokens_match_manifest(manifest):
-    for url, tokens in read_shards_local([manifest.shard_url(0)]):
+    for _, tokens in read_shards_local([manifest.shard_url(0)]):
         assert tokens.dtype == np.int32
         assert len(tokens) == manifest.shards[0].num_tokens
