@@ -170,6 +170,17 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Prefixes that activation checkpointing and torch.compile wrappers add to parameter names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without wrapper prefixes: the same under every parallelism."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 # Fills the (possibly sharded) parameter `param` from `full`, a tensor of the full shape.
 FillFn = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -218,7 +229,8 @@ class Llama3(nn.Module):
         full-shape tensor into a (possibly sharded) parameter.
         """
         self.rope = precompute_rope(self.args, device=buffer_device)
-        for name, param in self.named_parameters():
+        for wrapped_name, param in self.named_parameters():
+            name = canonical_name(wrapped_name)
             gen_device = param.device if param.device.type != "meta" else "cpu"
             gen = torch.Generator(device=gen_device)
             gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
