@@ -51,7 +51,8 @@ class Manifest:
     eos_id: int
     tokenizer_sha256: str
     version: int = 1
-    source: str = ""
+    source: str = field(default="", compare=False)
+    """Where the text came from (informational)."""
     root: str = field(default="", compare=False)
     """Folder the manifest was read from (not stored)."""
 
