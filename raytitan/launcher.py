@@ -55,7 +55,12 @@ def init_ray(cfg: JobConfig) -> None:
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + _SPARE_CPUS_FOR_DATA
     num_cpus = max(os.cpu_count() or 1, int(need + 0.999))
     logger.info("starting a local Ray (num_cpus=%d) on 127.0.0.1", num_cpus)
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1")
+    # NOTE: Ray starts workers at nice 15, so any nice-0 daemon (raylet, GCS, dashboard)
+    # preempts a training worker, and FSDP's lockstep collectives make the other rank wait
+    # too. Ray does the same for job drivers (see docs/design.md).
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"RAY_worker_niceness": os.environ.get(
+                 "RAYTITAN_WORKER_NICENESS", "0")}})
 
 
 def absolutize(cfg: JobConfig) -> JobConfig:
