@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     try:
         sys.exit(commands[argv[0]](argv[1:]))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError, KeyError) as e:
         print(f"raytitan {argv[0]}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -68,7 +68,8 @@ class MetricsLogger:
             return
         os.makedirs(dump_folder, exist_ok=True)
         self.path = os.path.join(dump_folder, "metrics.jsonl")
-        self._jsonl = open(self.path, "a", buffering=1)
+        # A run (or a Ray restart, which retrains from step 0) starts a fresh file.
+        self._jsonl = open(self.path, "w", buffering=1)
         if cfg.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -87,6 +87,15 @@ def build_plan(cfg: JobConfig, world_size: int, vocab_size: int | None = None) -
                 f"{num_stages} stages but model {cfg.model.flavor} has {args.n_layers} layers"
             )
         microbatches = dims.pp if par.microbatches == -1 else par.microbatches
+        schedule = par.pipeline_parallel_schedule
+        if schedule == "1F1B" and microbatches < dims.pp:
+            raise ConfigError(f"1F1B needs parallelism.microbatches ({microbatches}) >= "
+                              f"pipeline_parallel_degree ({dims.pp})")
+        rounds = max(1, microbatches // dims.pp)
+        if schedule == "Interleaved1F1B" and microbatches % rounds:
+            raise ConfigError(
+                f"Interleaved1F1B needs parallelism.microbatches ({microbatches}) to be a "
+                f"multiple of microbatches // pipeline_parallel_degree ({rounds})")
         if t.local_batch_size % microbatches:
             raise ConfigError(
                 f"training.local_batch_size ({t.local_batch_size}) must be divisible by "

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raytitan.config import JobConfig, load_job_config
+from raytitan.config import ConfigError, JobConfig, load_job_config
 from raytitan.data import resolve_dataset
 from raytitan.data.prepare import Manifest, prepare_local
 from raytitan.data.stream import ReadShards, TokenStream, read_shards_local
@@ -54,11 +54,18 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
 
 
-def init_distributed(device_type: str) -> None:
-    """Join the process group torchrun or Ray's TorchTrainer describes (env://)."""
+def init_distributed() -> torch.device:
+    """Join the process group torchrun describes (env://) unless Ray's TorchTrainer already
+    did, and return this process's device: CUDA iff the group runs NCCL (under Ray that is
+    `ray.use_gpu`), so the model never lands on a GPU behind a gloo group or vice versa."""
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    # Ray may show each worker all GPUs of its node or only its own: modulo covers both.
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 class Trainer:
@@ -72,13 +79,11 @@ class Trainer:
         self.cfg = cfg
         self.report = report
         t = cfg.training
-        self.device = torch.device(
-            f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        init_distributed(self.device.type)
+        self.device = init_distributed()
         self.rank, world_size = dist.get_rank(), dist.get_world_size()
         init_logging(self.rank)
+        if cfg.job.description:
+            logger.info("job %s: %s", cfg.job.name, cfg.job.description)
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // local_procs))
         if t.deterministic:
@@ -169,12 +174,15 @@ class Trainer:
         Returns this rank's loss contribution and the global grad norm."""
         accum = self.plan.grad_accum_steps
         loss = torch.zeros((), device=self.device)
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
         for micro in tokens.to(self.device).chunk(accum):
             inputs, labels = micro[:, :-1], micro[:, 1:]
             if self.pp_schedule is not None:
                 losses: list[torch.Tensor] = []
                 args = (inputs,) if self.pp_first else ()
-                self.pp_schedule.step(*args, target=labels, losses=losses)
+                with self.autocast:
+                    self.pp_schedule.step(*args, target=labels, losses=losses)
                 if self.pp_last:  # each already scaled by 1 / (accum * microbatches)
                     loss += torch.stack(losses).sum().detach()
             else:
@@ -216,6 +224,8 @@ class Trainer:
             self.tokens_seen += self.plan.tokens_per_step
             window_steps += 1
             if self.step % freq == 0 or self.step in (1, cfg.steps):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()  # time finished work, not queued kernels
                 elapsed = time.perf_counter() - window_start
                 last = self._log(loss, grad_norm, lr, elapsed, window_steps, window_wait)
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
@@ -250,8 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     config_path = None
     if argv[:1] == ["--config"]:
+        if len(argv) < 2:
+            sys.exit("error: --config needs a file path")
         config_path, argv = argv[1], argv[2:]
-    cfg = load_job_config(config_path, argv)
+    try:
+        cfg = load_job_config(config_path, argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     Trainer(cfg).train()
     dist.barrier()
     dist.destroy_process_group()

@@ -3,7 +3,7 @@
 These dataclasses are the only home of defaults. A TOML job file overrides them and
 `--section.key value` flags override the file (see `manager.py`). Each field's docstring is
 what `raytitan train --help` prints. Checks that need one field live in `__post_init__`;
-checks across sections (mesh vs world size, batch arithmetic) live in `validate.py`.
+checks across sections (mesh vs world size, batch arithmetic) live in `raytitan/plan.py`.
 """
 
 from __future__ import annotations
@@ -62,13 +62,14 @@ class Model:
         _check_positive("model.vocab_size", self.vocab_size, allow_zero=True)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+# float16 would need loss scaling, which we do not implement: bfloat16 does not.
+DTYPES = ("float32", "bfloat16")
 DECAY_TYPES = ("linear", "cosine", "sqrt")
 
 
 @dataclass
 class Training:
-    steps: int = 100
+    steps: int = 10000
     """Number of optimizer steps to train."""
 
     seed: int = 0
@@ -112,7 +113,7 @@ class Training:
     """Gradient clipping max norm (L2, over all parameters); 0 disables clipping."""
 
     mixed_precision_param: str = "bfloat16"
-    """Compute dtype of parameters in forward/backward: float32, bfloat16 or float16.
+    """Compute dtype of parameters in forward/backward: float32 or bfloat16.
     Master weights and optimizer state stay float32."""
 
     mixed_precision_reduce: str = "float32"

@@ -47,17 +47,34 @@ class _Prefetch:
 
     def __init__(self, it: Iterator, depth: int = 1) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        """Stop reading ahead; the thread exits and closes the underlying iterator."""
+        self._stop.set()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def _run(self, it: Iterator) -> None:
         try:
             for item in it:
-                self._queue.put((item, None))
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
         except BaseException as e:  # re-raised in the consumer
-            self._queue.put((None, e))
-            return
-        self._queue.put((self._END, None))
+            self._put((None, e))
+        finally:
+            if hasattr(it, "close"):
+                it.close()  # a generator: releases its reader (a Ray Data execution)
 
     def __iter__(self) -> _Prefetch:
         return self
@@ -125,7 +142,7 @@ class TokenStream:
         self._shard_base = np.concatenate([[0], np.cumsum(self.samples_per_shard)[:-1]])
         self.samples_consumed = 0
         self._loaded: _LoadedShard | None = None
-        self._reader: Iterator[tuple[str, np.ndarray]] | None = None
+        self._reader: _Prefetch | None = None
         self._reader_next: tuple[int, int] | None = None  # (epoch, order index) it yields next
 
     # -- position -----------------------------------------------------------------------
@@ -149,7 +166,13 @@ class TokenStream:
                     "state from loading)"
                 )
         self.samples_consumed = int(state["samples_consumed"])
-        self._loaded, self._reader, self._reader_next = None, None, None
+        self._close_reader()
+        self._loaded = None
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._reader_next = None, None
 
     def start(self) -> None:
         """Open the reader at the current position now (in the background), instead of at
@@ -199,6 +222,7 @@ class TokenStream:
         k = int(np.searchsorted(ends, offset, side="right"))
         if self._reader_next != (epoch, k):
             # Open a reader at shard k: the shards before it are never read.
+            self._close_reader()
             self._reader = _Prefetch(self._shards_from(epoch, k))
             self._reader_next = (epoch, k)
         return order, ends, k

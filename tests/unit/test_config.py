@@ -51,6 +51,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--parallelism.pipeline_parallel_schedule", "ZBV"], "['GPipe', '1F1B'"),
         (["--activation_checkpoint.mode", "some"], "activation_checkpoint.mode = 'some'"),
         (["--training.mixed_precision_param", "fp8"], "float32"),
+        (["--training.mixed_precision_param", "float16"], "choose one of ['float32', 'bfloat16']"),
         (["--training.deterministic", "maybe"], "is not a bool"),
         (["--training.steps"], "--training.steps needs a value"),
         (["steps"], "expected --section.key value"),
@@ -90,6 +91,12 @@ def test_bad_toml_types_and_keys(tmp_path):
           "--training.local_batch_size", "4"], 2, "must be divisible by parallelism.microbatches"),
         (["--model.flavor", "1B", "--parallelism.tensor_parallel_degree", "2"], 2,
          "ties input and output embeddings"),
+        (["--parallelism.pipeline_parallel_degree", "2", "--parallelism.microbatches", "1"], 2,
+         "1F1B needs parallelism.microbatches (1) >= pipeline_parallel_degree (2)"),
+        (["--parallelism.pipeline_parallel_degree", "2", "--parallelism.microbatches", "5",
+          "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+          "--training.local_batch_size", "10"], 2,
+         "Interleaved1F1B needs parallelism.microbatches (5) to be a multiple of"),
     ],
 )
 def test_impossible_meshes_and_batches(argv, world, message):

@@ -130,3 +130,34 @@ def test_shard_tokens_match_manifest(manifest):
     for _, tokens in read_shards_local([manifest.shard_url(0)]):
         assert tokens.dtype == np.int32
         assert len(tokens) == manifest.shards[0].num_tokens
+
+
+def test_prefetch_close_stops_the_thread_and_closes_the_reader():
+    from raytitan.data.stream import _Prefetch
+
+    closed = []
+
+    def reader():
+        try:
+            yield from range(100)
+        finally:
+            closed.append(True)
+
+    prefetch = _Prefetch(reader())
+    assert next(prefetch) == 0
+    prefetch.close()
+    prefetch._thread.join(timeout=5)
+    assert not prefetch._thread.is_alive() and closed == [True]
+
+
+def test_prefetch_reraises_reader_errors():
+    from raytitan.data.stream import _Prefetch
+
+    def reader():
+        yield 1
+        raise OSError("shard vanished")
+
+    prefetch = _Prefetch(reader())
+    assert next(prefetch) == 1
+    with pytest.raises(OSError, match="shard vanished"):
+        next(prefetch)

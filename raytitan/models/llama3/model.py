@@ -70,7 +70,10 @@ class Llama3Args:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per non-embedding weight plus causal-free attention
         scores (12 * layers * dim * seq_len), the convention of the PaLM paper and TorchTitan."""
-        return 6 * self.num_params(exclude_embedding=True) + 12 * self.n_layers * self.dim * seq_len
+        matmul_params = self.num_params(exclude_embedding=True)
+        if self.tie_word_embeddings:  # the shared matrix still does the output projection
+            matmul_params += self.vocab_size * self.dim
+        return 6 * matmul_params + 12 * self.n_layers * self.dim * seq_len
 
 
 def precompute_rope(args: Llama3Args, device: torch.device | str | None = None) -> torch.Tensor:
