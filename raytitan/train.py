@@ -117,8 +117,9 @@ class Trainer:
         )
         self.stream.start()  # the first shard loads while the model is built
         self._build_model()
+        self.params = [p for m in self.model_parts for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(
-            [p for m in self.model_parts for p in m.parameters()],
+            self.params,
             lr=lr_at(1, t), betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
             foreach=True,
         )
@@ -176,7 +177,7 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         if self.device.type == "cuda":
             tokens = tokens.pin_memory().to(self.device, non_blocking=True)
-        for micro in tokens.to(self.device).chunk(accum):
+        for micro in tokens.chunk(accum):
             inputs, labels = micro[:, :-1], micro[:, 1:]
             if self.pp_schedule is not None:
                 losses: list[torch.Tensor] = []
@@ -190,9 +191,8 @@ class Trainer:
                     micro_loss = cross_entropy(self.model_parts[0](inputs), labels) / accum
                 micro_loss.backward()
                 loss += micro_loss.detach()
-        params = [p for m in self.model_parts for p in m.parameters()]
         pp_mesh = self.mesh["pp"] if self.plan.parallel_dims.pp_enabled else None
-        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_mesh)
+        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_mesh)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm

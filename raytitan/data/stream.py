@@ -100,7 +100,6 @@ class Batch:
 @dataclass
 class _LoadedShard:
     epoch: int
-    order_index: int
     start: int  # position within the epoch of this shard's first sample
     samples: np.ndarray  # [n, seq_len + 1], already in the epoch's order
     ids: np.ndarray  # [n]
@@ -249,5 +248,5 @@ class TokenStream:
         samples = tokens[: n * self.sample_len].reshape(n, self.sample_len)[perm]
         ids = self._shard_base[shard_id] + perm
         start = int(ends[k] - n)
-        self._loaded = _LoadedShard(epoch, k, start, samples, ids)
+        self._loaded = _LoadedShard(epoch, start, samples, ids)
         return self._loaded
