@@ -14,9 +14,18 @@ import os
 
 import ray
 import ray.train
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from raytitan.checkpoint import checkpoint_base
+from raytitan.checkpoint.storage import parse_storage_options
 from raytitan.config import JobConfig, build_job_config, to_dict
 from raytitan.data import resolve_dataset
 from raytitan.data.ray_io import prepare_ray, read_shards_ray
@@ -30,15 +39,51 @@ _SPARE_CPUS_FOR_DATA = 2
 
 
 def _train_loop_per_worker(config: dict) -> None:
-    """Runs in each Ray worker: the same Trainer as under torchrun, fed by Ray Data."""
+    """Runs in each Ray worker: the same Trainer as under torchrun, fed by Ray Data. After a
+    worker-group restart, Ray's latest registered checkpoint is a hint; the Trainer resumes
+    from the newest committed step in storage if that is newer (Ray can miss a report made
+    just before a crash)."""
     from raytitan.train import Trainer
 
-    Trainer(build_job_config(config), read_shards=read_shards_ray, report=_report).train()
+    cfg = build_job_config(config)
+    reported = ray.train.get_checkpoint()
+    trainer = Trainer(
+        cfg,
+        read_shards=read_shards_ray,
+        report=_report,
+        reported_checkpoint=reported.path.rstrip("/").rsplit("/", 1)[-1] if reported else None,
+        external_retention=True,  # CheckpointConfig(num_to_keep)
+    )
+    if cfg.checkpoint.create_seed_checkpoint:
+        trainer.create_seed_checkpoint()
+    else:
+        trainer.train()
 
 
-def _report(metrics: dict, checkpoint_dir: str | None) -> None:
-    checkpoint = Checkpoint(path=checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+def _report(metrics: dict, step_dir_name: str | None) -> None:
+    """Report metrics, and a committed step directory (already in the Ray run directory, so
+    Ray only registers it: no upload)."""
+    checkpoint = None
+    if step_dir_name:
+        storage = ray.train.get_context().get_storage()
+        checkpoint = Checkpoint(path=storage.build_checkpoint_path_from_name(step_dir_name),
+                                filesystem=storage.storage_filesystem)
+    ray.train.report(metrics, checkpoint=checkpoint,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def ray_storage(cfg: JobConfig) -> tuple[str, object | None]:
+    """Ray's (storage_path, storage_filesystem): the checkpoint folder, so that the Ray run
+    directory <folder>/<job.name> is where the Trainer commits its steps. Remote folders go
+    through the same fsspec filesystem (and storage options) as the Trainer's writes."""
+    base = checkpoint_base(cfg.checkpoint, cfg.job.dump_folder)
+    if "://" not in base:
+        return base, None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(base, **parse_storage_options(cfg.checkpoint.storage_options))
+    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 def init_ray(cfg: JobConfig) -> None:
@@ -75,6 +120,8 @@ def absolutize(cfg: JobConfig) -> JobConfig:
         job=dataclasses.replace(cfg.job, dump_folder=fix(cfg.job.dump_folder)),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path),
                                  cache_dir=fix(cfg.data.cache_dir)),
+        checkpoint=dataclasses.replace(cfg.checkpoint,
+                                       initial_load_path=fix(cfg.checkpoint.initial_load_path)),
     )
 
 
@@ -86,6 +133,7 @@ def launch(cfg: JobConfig) -> ray.train.Result:
     init_ray(cfg)
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=resolve_dataset(cfg.data, prepare_ray)))
+    storage_path, storage_filesystem = ray_storage(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=to_dict(cfg),
@@ -97,8 +145,10 @@ def launch(cfg: JobConfig) -> ray.train.Result:
         ),
         run_config=RunConfig(
             name=cfg.job.name,
-            storage_path=cfg.job.dump_folder,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k or None),
         ),
     )
     result = trainer.fit()

@@ -60,7 +60,8 @@ def memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Writes one JSON object per logged step to <dump_folder>/metrics.jsonl (rank 0 only)."""
 
-    def __init__(self, cfg: Metrics, dump_folder: str, run_name: str, *, enabled: bool) -> None:
+    def __init__(self, cfg: Metrics, dump_folder: str, run_name: str, *, enabled: bool,
+                 resume_step: int = 0) -> None:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -68,8 +69,14 @@ class MetricsLogger:
             return
         os.makedirs(dump_folder, exist_ok=True)
         self.path = os.path.join(dump_folder, "metrics.jsonl")
-        # A run (or a Ray restart, which retrains from step 0) starts a fresh file.
+        # A fresh run starts a fresh file; a resumed one keeps the records up to the step it
+        # resumed from (later ones are about to be recomputed) and appends.
+        kept = []
+        if resume_step and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
         self._jsonl = open(self.path, "w", buffering=1)
+        self._jsonl.writelines(kept)
         if cfg.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

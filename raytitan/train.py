@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raytitan.config import ConfigError, JobConfig, load_job_config
+from raytitan.checkpoint import CheckpointError, CheckpointManager, build_checkpoint_storage
+from raytitan.checkpoint.manager import TOKENIZER_FILES
+from raytitan.config import ConfigError, JobConfig, load_job_config, redacted, to_toml
 from raytitan.data import resolve_dataset
 from raytitan.data.prepare import Manifest, prepare_local
 from raytitan.data.stream import ReadShards, TokenStream, read_shards_local
@@ -54,6 +56,26 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
 
 
+class LRSchedule:
+    """Counts the schedule's steps; its state is what `exclude_from_loading = lr_scheduler`
+    drops (the schedule then restarts from warm-up)."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.steps = 0
+
+    def step(self) -> float:
+        """Advance one optimizer step and return its learning rate."""
+        self.steps += 1
+        return lr_at(self.steps, self.cfg)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps = int(state["steps"])
+
+
 def init_distributed() -> torch.device:
     """Join the process group torchrun describes (env://) unless Ray's TorchTrainer already
     did, and return this process's device: CUDA iff the group runs NCCL (under Ray that is
@@ -75,7 +97,16 @@ class Trainer:
         *,
         read_shards: ReadShards = read_shards_local,
         report: ReportFn | None = None,
+        reported_checkpoint: str | None = None,
+        external_retention: bool = False,
     ) -> None:
+        """Args:
+            cfg: the validated job config.
+            read_shards: how the data stream reads shards (pyarrow here, Ray Data under Ray).
+            report: called on every rank with (metrics, committed step dir name or None).
+            reported_checkpoint: the step dir name of Ray's latest registered checkpoint.
+            external_retention: the launcher (Ray) deletes old checkpoints, not us.
+        """
         self.cfg = cfg
         self.report = report
         t = cfg.training
@@ -115,19 +146,81 @@ class Trainer:
             global_batch_size=self.plan.global_batch_size,
             read_shards=read_shards,
         )
-        self.stream.start()  # the first shard loads while the model is built
+        ckpt = cfg.checkpoint
+        if ckpt.create_seed_checkpoint and (world_size != 1 or not ckpt.enable):
+            raise ConfigError(
+                "checkpoint.create_seed_checkpoint builds the model in one process: it needs "
+                f"checkpoint.enable = true and a world size of 1 (got enable = {ckpt.enable}, "
+                f"world size {world_size})")
+        self.storage = (build_checkpoint_storage(ckpt, cfg.job.dump_folder, cfg.job.name)
+                        if ckpt.enable else None)
+        if self.storage is None or ckpt.create_seed_checkpoint:
+            self.stream.start()  # nothing to resume: the first shard loads during the build
         self._build_model()
         self.params = [p for m in self.model_parts for p in m.parameters()]
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=lr_at(1, t), betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
-            foreach=True,
-        )
+        # One optimizer per model part, so each part's state dict has that part's FQNs.
+        self.optimizers = [
+            torch.optim.AdamW(part.parameters(), lr=lr_at(1, t), betas=(t.beta1, t.beta2),
+                              eps=t.eps, weight_decay=t.weight_decay, foreach=True)
+            for part in self.model_parts
+        ]
+        self.lr_schedule = LRSchedule(t)
         self.step = 0
         self.tokens_seen = 0
+        self._last_metrics: dict = {}
+        self.checkpointer = None
+        if self.storage is not None:
+            self.checkpointer = CheckpointManager(
+                ckpt,
+                storage=self.storage,
+                model_parts=self.model_parts,
+                optimizers=self.optimizers,
+                states={"lr_scheduler": self.lr_schedule, "train_state": self,
+                        "dataloader": self.stream},
+                run_info={"mesh": dims.mesh_shape(), "job": cfg.job.name},
+                files=self._checkpoint_files(manifest),
+                on_commit=self._on_commit,
+                retention=not external_retention,
+            )
+        self.loaded = None
+        if self.checkpointer is not None and not ckpt.create_seed_checkpoint:
+            reported = (int(reported_checkpoint.rsplit("-", 1)[1])
+                        if reported_checkpoint else None)
+            self.loaded = self.checkpointer.load(reported_step=reported)
+            self.stream.start()
         self.metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, cfg.job.name,
-                                     enabled=self.rank == 0)
+                                     enabled=self.rank == 0, resume_step=self.step)
         self.peak_flops = peak_flops(cfg.metrics, self.device)
+
+    # -- checkpoint hooks ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """The train_state of a checkpoint."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+    def _checkpoint_files(self, manifest: Manifest) -> dict[str, bytes]:
+        """run_config.toml (secrets redacted) and the tokenizer assets, for every step."""
+        files = {"run_config.toml": to_toml(redacted(self.cfg)).encode()}
+        if self.cfg.checkpoint.save_tokenizer_assets and self.rank == 0:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(manifest.root)
+            for name in TOKENIZER_FILES:
+                if fs.exists(f"{root}/{name}"):
+                    files[f"tokenizer/{name}"] = fs.cat_file(f"{root}/{name}")
+        return files
+
+    def _on_commit(self, step: int, name: str) -> None:
+        if self.report is not None:
+            self.report({**self._last_metrics, "step": step}, name)
+
+    def create_seed_checkpoint(self) -> None:
+        """Save the freshly initialized model as a model-only step-0."""
+        self.checkpointer.save(0, final=True, model_only=True)
+        logger.info("seed checkpoint written to %s", self.storage.step_url(0))
 
     def _build_model(self) -> None:
         """Meta-device model -> pipeline stages -> parallelize -> allocate -> init."""
@@ -193,8 +286,11 @@ class Trainer:
                 loss += micro_loss.detach()
         pp_mesh = self.mesh["pp"] if self.plan.parallel_dims.pp_enabled else None
         grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_mesh)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.checkpointer is not None:
+            self.checkpointer.wait_for_staging()  # a background copy must not see this step
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
@@ -211,12 +307,20 @@ class Trainer:
         freq = self.cfg.metrics.log_freq
         last: dict = {}
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-        logger.info("training %d steps", cfg.steps)
+        ckpt = self.checkpointer
+        final_saved = False
+        if self.step >= cfg.steps:
+            logger.info("step %d of %d reached already: nothing to train", self.step, cfg.steps)
+        else:
+            logger.info("training steps %d..%d", self.step + 1, cfg.steps)
         while self.step < cfg.steps:
             self.step += 1
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.lr_schedule.step()
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            if ckpt is not None:
+                ckpt.poll()  # commits (and reports) a background save once all ranks are done
             wait_start = time.perf_counter()
             batch = self.stream.next_batch()
             window_wait += time.perf_counter() - wait_start
@@ -228,8 +332,14 @@ class Trainer:
                     torch.cuda.synchronize()  # time finished work, not queued kernels
                 elapsed = time.perf_counter() - window_start
                 last = self._log(loss, grad_norm, lr, elapsed, window_steps, window_wait)
+                self._last_metrics = last
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-        if self.report is not None:
+            if ckpt is not None and ckpt.should_save(self.step, cfg.steps):
+                final_saved = self.step == cfg.steps  # its commit reports the final metrics
+                ckpt.save(self.step, final=final_saved)
+        if ckpt is not None:
+            ckpt.close()
+        if self.report is not None and not final_saved:
             self.report(last, None)
         self.metrics.close()
         return last
@@ -267,7 +377,15 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_job_config(config_path, argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    Trainer(cfg).train()
+    try:
+        trainer = Trainer(cfg)
+        if cfg.checkpoint.create_seed_checkpoint:
+            trainer.create_seed_checkpoint()
+        else:
+            trainer.train()
+    except (ConfigError, CheckpointError) as e:
+        logging.getLogger("raytitan").error("error: %s", e)
+        sys.exit(f"error: {e}")
     dist.barrier()
     dist.destroy_process_group()
 

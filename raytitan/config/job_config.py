@@ -265,6 +265,115 @@ class Ray:
             raise ConfigError(f"ray.max_failures = {self.max_failures} must be >= -1")
 
 
+ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# Top-level keys of a checkpoint, the valid entries of exclude_from_loading.
+CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "train_state", "dataloader", "rng")
+# Megatron's dist_ckpt_strictness values (see docs/checkpointing.md for what each does).
+STRICTNESS = ("assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+              "raise_all", "return_unexpected", "return_all", "ignore_all")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save checkpoints, and resume from the newest committed one in the folder."""
+
+    folder: str = "checkpoint"
+    """Checkpoint folder: relative to job.dump_folder, absolute, or s3://bucket/prefix.
+    Steps live in <folder>/<job.name>/step-<N> (under Ray that is the Ray run directory)."""
+
+    storage_options: list[str] = field(default_factory=list)
+    """fsspec options for the folder's filesystem as key=value (e.g. endpoint_url=...).
+    Credentials normally come from the standard AWS environment. Values are never written
+    to a checkpoint or a log."""
+
+    interval: int = 500
+    """Save every this many steps (the last step is always saved)."""
+
+    keep_latest_k: int = 0
+    """Committed steps to keep (oldest deleted first; never the newest); 0 = keep all.
+    Under Ray this is CheckpointConfig(num_to_keep)."""
+
+    async_mode: str = "disabled"
+    """disabled; async (stage a copy, persist in a background thread); async_with_pinned_mem
+    (reused pinned + shared staging buffers on GPU, shared memory on CPU, filled in the
+    background, persisted by a separate process). The final save is always synchronous."""
+
+    save_optim: bool = True
+    """Save the optimizer state."""
+
+    save_rng: bool = True
+    """Save every rank's RNG state (torch, CUDA, Python)."""
+
+    save_tokenizer_assets: bool = True
+    """Copy the dataset's tokenizer files into <step>/tokenizer/."""
+
+    save_checksums: bool = True
+    """Record a CRC32 of every file in the commit manifest (computed while writing)."""
+
+    last_save_model_only: bool = False
+    """The final save holds the model only (no optimizer, data position or RNG)."""
+
+    export_dtype: str = "float32"
+    """Dtype of the model in a model-only final save: float32, bfloat16 or float16."""
+
+    load_step: int = -1
+    """Step to resume from; -1 = the newest committed step."""
+
+    load_optim: bool = True
+    """Load the optimizer state when resuming."""
+
+    load_rng: bool = True
+    """Load the RNG state when resuming (ranks absent from the checkpoint keep their own)."""
+
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """Top-level checkpoint keys not to load: model, optimizer, lr_scheduler, train_state,
+    dataloader, rng. CLI form: a,b."""
+
+    initial_load_path: str = ""
+    """A step directory to start a fresh run from (used only when the folder has no
+    committed step to resume)."""
+
+    initial_load_model_only: bool = True
+    """Load only the model from initial_load_path."""
+
+    exit_on_missing_checkpoint: bool = False
+    """Fail instead of starting from scratch when there is nothing to load."""
+
+    load_only: bool = False
+    """Load checkpoints but never save any."""
+
+    create_seed_checkpoint: bool = False
+    """Build and initialize the model on one CPU process, save it as step-0, and exit.
+    Every run started from it begins from the same weights, whatever its mesh."""
+
+    dist_ckpt_strictness: str = "assume_ok_unexpected"
+    """What a key mismatch on load does: assume_ok_unexpected, log_unexpected, log_all,
+    raise_unexpected, raise_all, return_unexpected, return_all, ignore_all."""
+
+    verify_integrity: bool = False
+    """Check every file's CRC32 against the commit manifest before loading (reads the whole
+    step once, split across ranks). File sizes are always checked."""
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.interval", self.interval)
+        _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
+        _check_choice("checkpoint.async_mode", self.async_mode, ASYNC_MODES)
+        _check_choice("checkpoint.export_dtype", self.export_dtype, EXPORT_DTYPES)
+        _check_choice("checkpoint.dist_ckpt_strictness", self.dist_ckpt_strictness, STRICTNESS)
+        if self.load_step < -1:
+            raise ConfigError(f"checkpoint.load_step = {self.load_step} must be -1 or a step >= 0")
+        for key in self.exclude_from_loading:
+            _check_choice("checkpoint.exclude_from_loading entry", key, CHECKPOINT_KEYS)
+        if not self.folder:
+            raise ConfigError("checkpoint.folder must not be empty")
+        for option in self.storage_options:
+            if "=" not in option or not option.split("=", 1)[0]:
+                raise ConfigError(
+                    f"checkpoint.storage_options entry {option!r} is not key=value")
+
+
 @dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
@@ -276,3 +385,4 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     metrics: Metrics = field(default_factory=Metrics)
     ray: Ray = field(default_factory=Ray)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -150,6 +150,14 @@ def to_toml(cfg: JobConfig) -> str:
     return "\n".join(lines)
 
 
+def redacted(cfg: JobConfig) -> JobConfig:
+    """A copy safe to write into a checkpoint or a log: storage option values (endpoints,
+    keys, tokens) replaced by <redacted>."""
+    options = [f"{o.split('=', 1)[0]}=<redacted>" for o in cfg.checkpoint.storage_options]
+    return dataclasses.replace(
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, storage_options=options))
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

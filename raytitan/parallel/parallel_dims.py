@@ -99,6 +99,10 @@ class ParallelDims:
             raise RuntimeError("call build_mesh() first")
         return self._mesh
 
+    def mesh_shape(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
+                "tp": self.tp}
+
     def describe(self) -> str:
         return (
             f"world {self.world_size} = pp {self.pp} x dp_replicate {self.dp_replicate} x "

@@ -1,0 +1,583 @@
+"""CheckpointManager: what a training run saves, when, and what it resumes from.
+
+Save: every rank writes its DCP shards straight into <root>/step-<N> through an fsspec
+writer (sync, or staged and persisted in the background), then rank 0 commits the step
+(COMMIT.json, last) and every rank calls `on_commit` (the Ray report). Load: choose the
+newest committed step (or `load_step`, or `initial_load_path`), check it, and load the
+requested keys, resharding onto this run's mesh. See docs/checkpointing.md.
+
+Contents (top-level keys; nested keys are FQN-based so they reshard):
+    model         parameters by canonical FQN (DTensors, any mesh)
+    optimizer     AdamW state, flattened per parameter FQN
+    lr_scheduler  steps taken by the schedule
+    train_state   step, tokens seen
+    dataloader    the global data position (re-splits onto any DP degree)
+    rng           rank<r>: that rank's torch / CUDA / Python RNG state
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+from raytitan.checkpoint.storage import (
+    CHECKSUMS_FILE,
+    FORMAT,
+    CheckpointError,
+    CheckpointStorage,
+    StepWriter,
+    crc32,
+    parse_storage_options,
+    step_name,
+    step_reader,
+)
+from raytitan.config.job_config import Checkpoint as CheckpointConfig
+
+logger = logging.getLogger("raytitan")
+
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# Tokenizer files copied into <step>/tokenizer/ when the dataset has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class LoadResult:
+    step: int
+    """The step of the checkpoint loaded (0 for a seed checkpoint)."""
+    path: str
+    keys: list[str]
+    """Top-level keys loaded."""
+    unexpected: list[str]
+    """Keys this run asked for that the checkpoint lacks (Megatron's 'unexpected')."""
+    missing: list[str]
+    """Keys the checkpoint holds that no rank asked for (Megatron's 'missing')."""
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    future: Future
+    staging: Future | None
+    model_only: bool
+    started: float
+    stall: float
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and loads one run's checkpoints. Every method is called on every rank.
+
+    Args:
+        cfg: the [checkpoint] section.
+        storage: the run's checkpoint folder.
+        model_parts: this rank's model parts (one, or its pipeline stages).
+        optimizers: one optimizer per model part.
+        states: the other top-level keys: lr_scheduler, train_state, dataloader.
+        run_info: written into every commit manifest (world size, mesh, ...).
+        files: extra files rank 0 writes into each step {relative path: bytes}
+            (run_config.toml, tokenizer assets).
+        on_commit: called on every rank with (step, step directory name) after a commit.
+        retention: delete steps beyond keep_latest_k here (False when Ray does it).
+    """
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        *,
+        storage: CheckpointStorage,
+        model_parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        states: dict[str, Stateful],
+        run_info: dict[str, Any] | None = None,
+        files: dict[str, bytes] | None = None,
+        on_commit: Callable[[int, str], None] | None = None,
+        retention: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.storage = storage
+        self.model_parts = model_parts
+        self.optimizers = optimizers
+        self.states = states
+        self.run_info = run_info or {}
+        self.files = files or {}
+        self.on_commit = on_commit
+        self.retention = retention
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # NOTE: a background save runs collectives on `self.pg` while the training thread
+        # polls on `self.ctrl`: one gloo group used from two threads deadlocks (PLATFORM.md).
+        self.pg = dist.new_group(backend="gloo")
+        self.ctrl = dist.new_group(backend="gloo")
+        self._pending: _PendingSave | None = None
+        self._stager = None
+        if cfg.async_mode == "async_with_pinned_mem":
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            gpu = torch.cuda.is_available()
+            if not gpu:
+                logger.info("checkpoint: no GPU, so async_with_pinned_mem stages into reused "
+                            "shared (not pinned) CPU memory")
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=gpu, use_shared_memory=True, use_async_staging=True,
+                use_non_blocking_copy=gpu))
+        self.last_stall_sec = 0.0
+        self.last_save_sec = 0.0
+
+    # -- collective helpers -------------------------------------------------------------
+
+    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on rank 0 and give every rank its result, or raise its error everywhere
+        (so no rank is left waiting in a collective)."""
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:  # re-raised on every rank below
+                box[0] = ("error", e if isinstance(e, CheckpointError) else
+                          CheckpointError(f"{type(e).__name__}: {e}"))
+        dist.broadcast_object_list(box, src=0, group=self.ctrl)
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
+    # -- saving -------------------------------------------------------------------------
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return not self.cfg.load_only and (step % self.cfg.interval == 0 or step == last_step)
+
+    def save(self, step: int, *, final: bool = False, model_only: bool = False) -> None:
+        """Save `step`. Asynchronous per async_mode unless `final`; at most one save is in
+        flight (a new one first waits for the previous one to commit)."""
+        model_only = model_only or (final and self.cfg.last_save_model_only)
+        self.poll(wait=True)
+        start = time.perf_counter()
+        self._on_rank0(lambda: self._prepare_step_dir(step))
+        state = self._state_for_save(model_only)
+        writer = StepWriter(self.storage.step_url(step),
+                            storage_options=self.storage.options,
+                            checksums=self.cfg.save_checksums)
+        if final or self.cfg.async_mode == "disabled":
+            dcp.save(state, storage_writer=writer, process_group=self.pg)
+            self.last_stall_sec = self.last_save_sec = time.perf_counter() - start
+            self._commit(step, model_only, self.last_save_sec)
+            return
+        if self.cfg.async_mode == "async":
+            # Stages a copy of the state in this thread, then writes it in a thread.
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
+                                    async_checkpointer_type=AsyncCheckpointerType.THREAD)
+            staging = None
+        else:
+            # Stages into reused buffers in a thread; a separate process writes.
+            response = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
+                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                                      async_stager=self._stager)
+            future, staging = response.upload_completion, response.staging_completion
+        stall = time.perf_counter() - start
+        self._pending = _PendingSave(step, future, staging, model_only, start, stall)
+
+    def wait_for_staging(self) -> None:
+        """Block until the in-flight save has copied the state; call before the optimizer
+        changes it."""
+        pending = self._pending
+        if pending is not None and pending.staging is not None:
+            start = time.perf_counter()
+            pending.staging.result()
+            pending.stall += time.perf_counter() - start
+            pending.staging = None
+
+    def poll(self, *, wait: bool = False) -> None:
+        """Commit the in-flight save if every rank has persisted it (`wait`: wait for that).
+        A failed background save raises here."""
+        pending = self._pending
+        if pending is None:
+            return
+        if wait:
+            try:
+                pending.future.result()
+            except Exception:
+                pass  # raised on every rank below
+        done = pending.future.done()
+        failed = done and pending.future.exception() is not None
+        flags = torch.tensor([int(done), int(failed)])
+        dist.all_reduce(flags, group=self.ctrl)
+        if int(flags[0]) < self.world_size:
+            return
+        self._pending = None
+        if int(flags[1]):
+            error = pending.future.exception()
+            raise CheckpointError(
+                f"background save of step {pending.step} to {self.storage.step_url(pending.step)} "
+                f"failed on {int(flags[1])} rank(s)"
+                + (f": {type(error).__name__}: {error}" if error else "")) from error
+        self.last_stall_sec = pending.stall
+        self.last_save_sec = time.perf_counter() - pending.started
+        self._commit(pending.step, pending.model_only, self.last_save_sec)
+
+    def close(self) -> None:
+        """Finish an in-flight save and release staging buffers."""
+        self.poll(wait=True)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _prepare_step_dir(self, step: int) -> None:
+        """Remove whatever a step directory of this name holds: the leftovers of a crashed
+        save, or a committed step of an abandoned timeline (a run resumed from an earlier
+        step). It is uncommitted first, so a crash now never leaves it half-replaced."""
+        for info in self.storage.list_steps():
+            if info.step == step:
+                if info.committed:
+                    logger.warning("checkpoint: replacing committed %s (this run resumed "
+                                   "from an earlier step)", step_name(step))
+                self.storage.remove_step(step)
+
+    def _state_for_save(self, model_only: bool) -> dict[str, Any]:
+        model = self._model_state()
+        if model_only and self.cfg.export_dtype != "float32":
+            dtype = getattr(torch, self.cfg.export_dtype)
+            model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
+        state: dict[str, Any] = {"model": model}
+        if model_only:
+            return state
+        if self.cfg.save_optim:
+            state["optimizer"] = self._optimizer_state()
+        for key, obj in self.states.items():
+            state[key] = obj.state_dict()
+        if self.cfg.save_rng:
+            state["rng"] = {f"rank{self.rank}": rng_state()}
+        return state
+
+    def _commit(self, step: int, model_only: bool, seconds: float) -> None:
+        """Rank 0 writes the extra files and COMMIT.json (last); then every rank reports."""
+        def commit() -> int:
+            storage = self.storage
+            files = {name: {"size": size, "crc32": crc}
+                     for name, (size, crc) in storage.read_checksums(step).items()}
+            for name in (".metadata", CHECKSUMS_FILE):
+                with storage.fs.open(storage.step_path(step, name), "rb") as f:
+                    data = f.read()
+                files[name] = {"size": len(data), "crc32": crc32(data)}
+            for name, data in self.files.items():
+                storage.write_file(step, name, data)
+                files[name] = {"size": len(data), "crc32": crc32(data)}
+            if not self.cfg.save_checksums:
+                files = {name: {"size": entry["size"]} for name, entry in files.items()}
+            keys = ["model"] if model_only else ["model", *(["optimizer"] if self.cfg.save_optim
+                                                            else []), *self.states,
+                                                 *(["rng"] if self.cfg.save_rng else [])]
+            storage.write_commit(step, {
+                "format": FORMAT,
+                "step": step,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "model_only": model_only,
+                "dtype": self.cfg.export_dtype if model_only else "float32",
+                "keys": keys,
+                "world_size": self.world_size,
+                **self.run_info,
+                "files": files,
+            })
+            self._clean(keep_uncommitted=set())
+            return sum(entry["size"] for entry in files.values())
+
+        total = self._on_rank0(commit)
+        logger.info("checkpoint: committed %s (%.1f MB) in %.2f s (%.0f MB/s; training "
+                    "blocked %.3f s)", self.storage.step_url(step), total / 1e6, seconds,
+                    total / 1e6 / max(seconds, 1e-9), self.last_stall_sec)
+        if self.on_commit is not None:
+            self.on_commit(step, step_name(step))
+
+    def _clean(self, keep_uncommitted: set[int]) -> None:
+        """Rank 0: delete uncommitted leftovers and (retention) the oldest committed steps
+        beyond keep_latest_k. Never the newest committed step, never one in flight."""
+        steps = self.storage.list_steps()
+        committed = [s.step for s in steps if s.committed]
+        for info in steps:
+            if not info.committed and info.step not in keep_uncommitted:
+                logger.info("checkpoint: removing uncommitted %s (an interrupted save)",
+                            step_name(info.step))
+                self.storage.remove_step(info.step)
+        k = self.cfg.keep_latest_k
+        if self.retention and k > 0:
+            for step in committed[:-k]:
+                logger.info("checkpoint: removing %s (keep_latest_k = %d)", step_name(step), k)
+                self.storage.remove_step(step)
+
+    # -- state dicts --------------------------------------------------------------------
+
+    def _model_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for part in self.model_parts:
+            state.update(get_model_state_dict(part))
+        return state
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+            state.update(get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS))
+        return state
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load(self, reported_step: int | None = None) -> LoadResult | None:
+        """Load what this run should start from, or return None for a fresh start.
+
+        Precedence: `load_step` if set; else the newest committed full-state step in the
+        folder (or `reported_step`, Ray's latest registered checkpoint, if newer); else
+        `initial_load_path`; else nothing (an error with exit_on_missing_checkpoint).
+        """
+        url, step, commit, model_only = self._on_rank0(lambda: self._choose(reported_step))
+        if url is None:
+            return None
+        storage = (self.storage if url == self.storage.url
+                   else CheckpointStorage(url, self.storage.options))
+        return self._load(storage, step, commit, model_only)
+
+    def _choose(self, reported_step: int | None):
+        cfg = self.cfg
+        steps = self.storage.list_steps()
+        if not cfg.load_only:
+            self._clean(keep_uncommitted=set())
+        committed = {s.step: s.commit for s in steps if s.committed}
+        where = self.storage.url
+        if cfg.load_step >= 0:
+            if cfg.load_step not in committed:
+                raise CheckpointError(
+                    f"checkpoint.load_step = {cfg.load_step}: {where} has no committed "
+                    f"{step_name(cfg.load_step)}; committed steps: {sorted(committed) or 'none'}")
+            step = cfg.load_step
+        else:
+            full = [s for s, c in committed.items() if not c.get("model_only")]
+            if reported_step is not None and reported_step in committed:
+                full.append(reported_step)
+            step = max(full) if full else max(committed, default=None)
+            if step is not None and reported_step is not None and reported_step != step:
+                logger.info("checkpoint: Ray's latest registered checkpoint is %s, but %s is "
+                            "the newest committed step in storage: resuming from it",
+                            step_name(reported_step), step_name(step))
+        if step is not None:
+            if cfg.initial_load_path:
+                logger.warning("checkpoint: %s holds committed %s, so the run RESUMES from it "
+                               "and checkpoint.initial_load_path = %s is IGNORED",
+                               where, step_name(step), cfg.initial_load_path)
+            commit = committed[step]
+            return self.storage.url, step, commit, bool(commit.get("model_only"))
+        if cfg.initial_load_path:
+            parent, _, name = cfg.initial_load_path.rstrip("/").rpartition("/")
+            initial = CheckpointStorage(parent, self.storage.options)
+            commit = None
+            if name.startswith("step-") and name[5:].isdigit():
+                commit = initial.read_commit(int(name[5:]))
+            if commit is None:
+                raise CheckpointError(
+                    f"checkpoint.initial_load_path = {cfg.initial_load_path} is not a committed "
+                    "raytitan step directory (<folder>/step-<N> with a COMMIT.json)")
+            logger.info("checkpoint: no checkpoint in %s; starting from "
+                        "initial_load_path %s%s", where, cfg.initial_load_path,
+                        " (model only)" if cfg.initial_load_model_only else "")
+            return initial.url, commit["step"], commit, cfg.initial_load_model_only
+        if cfg.exit_on_missing_checkpoint:
+            raise CheckpointError(
+                f"no committed checkpoint in {where} and no initial_load_path, and "
+                "checkpoint.exit_on_missing_checkpoint = true; uncommitted step dirs: "
+                f"{[step_name(s.step) for s in steps if not s.committed] or 'none'}")
+        logger.info("checkpoint: no checkpoint in %s; starting from scratch", where)
+        return None, None, None, None
+
+    def _verify(self, storage: CheckpointStorage, step: int, commit: dict) -> None:
+        """Sizes always (rank 0); CRC32s with verify_integrity (files split over ranks)."""
+        committed = [s for s in self.storage.committed_steps() if s != step] \
+            if self.rank == 0 else []
+
+        def fail(problems: list[str]) -> CheckpointError:
+            return CheckpointError(
+                f"checkpoint {storage.step_url(step)} is damaged: {'; '.join(problems[:5])}. "
+                f"Load another committed step with --checkpoint.load_step N "
+                f"(committed: {committed or 'none'}), or delete this one")
+
+        if commit.get("format") != FORMAT:
+            raise CheckpointError(f"{storage.step_url(step)}/COMMIT.json has format "
+                                  f"{commit.get('format')!r}; this raytitan reads {FORMAT!r}")
+
+        def sizes() -> None:
+            if problems := storage.check_sizes(step, commit):
+                raise fail(problems)
+
+        self._on_rank0(sizes)
+        if not self.cfg.verify_integrity:
+            return
+        names = sorted(commit["files"])[self.rank::self.world_size]
+        problems = storage.check_crc(step, commit, names)
+        gathered: list[list[str]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, problems, group=self.ctrl)
+        problems = [p for rank_problems in gathered for p in rank_problems]
+        if problems:
+            if self.rank == 0:
+                raise fail(problems)
+            raise CheckpointError(f"checkpoint {storage.step_url(step)} is damaged: "
+                                  f"{'; '.join(problems[:5])}")
+        logger.info("checkpoint: verified CRC32 of %d files of %s", len(commit["files"]),
+                    storage.step_url(step))
+
+    def _load(self, storage: CheckpointStorage, step: int, commit: dict,
+              model_only: bool) -> LoadResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        self._verify(storage, step, commit)
+        url = storage.step_url(step)
+        reader = step_reader(url, storage.options)
+        stored = set(reader.read_metadata().state_dict_metadata)
+        stored_groups = {key.split(".", 1)[0] for key in stored}
+
+        groups = ["model"] if model_only else ["model", "optimizer", *self.states]
+        if not cfg.load_optim and "optimizer" in groups:
+            groups.remove("optimizer")
+        request: dict[str, Any] = {}
+        for group in groups:
+            if group in cfg.exclude_from_loading:
+                logger.info("checkpoint: not loading %s (exclude_from_loading)", group)
+            elif group not in stored_groups:
+                logger.info("checkpoint: %s has no %s; not loaded", url, group)
+            else:
+                request[group] = self._request_for(group)
+        want_rng = not model_only and cfg.load_rng and "rng" not in cfg.exclude_from_loading
+        rank_key = f"rank{self.rank}"
+        if want_rng and any(k.startswith(f"rng.{rank_key}.") for k in stored):
+            request["rng"] = {rank_key: rng_state()}
+        elif want_rng and "rng" in stored_groups:
+            logger.warning("checkpoint: %s has no RNG state for rank %d (saved with world "
+                           "size %s); this rank keeps its own", url, self.rank,
+                           commit.get("world_size"))
+
+        unexpected, missing = self._check_keys(request, stored, url)
+        for key in unexpected:  # not loaded: stays as this run initialized it
+            group, _, name = key.partition(".")
+            request[group].pop(name, None)
+        try:
+            dcp.load(request, storage_reader=reader, planner=DefaultLoadPlanner(),
+                     process_group=self.pg)
+        except Exception as e:
+            raise CheckpointError(
+                f"loading {url} failed (dist_ckpt_strictness = {cfg.dist_ckpt_strictness}): "
+                f"{e}") from e
+        self._apply(request)
+        seconds = time.perf_counter() - start
+        logger.info("checkpoint: loaded %s of %s in %.2f s", sorted(request), url, seconds)
+        return LoadResult(step, url, sorted(request), unexpected, missing)
+
+    def _request_for(self, group: str) -> dict[str, Any]:
+        if group == "model":
+            return self._model_state()
+        if group == "optimizer":
+            return self._optimizer_state()
+        return dict(self.states[group].state_dict())
+
+    def _check_keys(self, request: dict[str, Any], stored: set[str],
+                    url: str) -> tuple[list[str], list[str]]:
+        """Apply dist_ckpt_strictness. Megatron's terms: 'unexpected' keys are requested by
+        this run but absent from the checkpoint; 'missing' keys are in the checkpoint (in the
+        groups being loaded) but requested by no rank. Decided on the union over ranks, so
+        every rank raises or loads alike."""
+        mode = self.cfg.dist_ckpt_strictness
+        if mode == "assume_ok_unexpected":
+            return [], []  # no check: DCP itself fails on a key the checkpoint lacks
+        flat = {f"{group}.{key}" for group, values in request.items() if group != "rng"
+                for key in values}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted(flat - stored), group=self.ctrl)
+        unexpected = sorted({k for keys in gathered for k in keys})
+        missing: list[str] = []
+        if mode.endswith("_all"):
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, sorted(flat), group=self.ctrl)
+            requested = {k for keys in gathered for k in keys}
+            groups = {g for g in request if g != "rng"}
+            missing = sorted(k for k in stored
+                             if k.split(".", 1)[0] in groups and k not in requested)
+        mismatch = (f"{len(unexpected)} requested key(s) absent from {url} "
+                    f"(e.g. {unexpected[:3]}); {len(missing)} key(s) of it not requested "
+                    f"(e.g. {missing[:3]})")
+        if mode == "raise_unexpected" and unexpected or mode == "raise_all" and (
+                unexpected or missing):
+            raise CheckpointError(f"dist_ckpt_strictness = {mode}: {mismatch}")
+        if mode.startswith("log") and (unexpected or missing):
+            logger.warning("checkpoint: key mismatch (%s): %s", mode, mismatch)
+        if mode == "return_unexpected":
+            missing = []
+        return unexpected, missing
+
+    def _apply(self, loaded: dict[str, Any]) -> None:
+        if "model" in loaded:
+            for part in self.model_parts:
+                names = get_model_state_dict(part).keys()
+                set_model_state_dict(part, {k: loaded["model"][k] for k in names
+                                            if k in loaded["model"]},
+                                     options=StateDictOptions(strict=False))
+        if "optimizer" in loaded:
+            for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+                names = get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS).keys()
+                set_optimizer_state_dict(part, optimizer,
+                                         {k: loaded["optimizer"][k] for k in names},
+                                         options=_OPTIM_OPTIONS)
+        for key, obj in self.states.items():
+            if key in loaded:
+                obj.load_state_dict(loaded[key])
+        if "rng" in loaded:
+            set_rng_state(loaded["rng"][f"rank{self.rank}"])
+
+
+def build_checkpoint_storage(cfg: CheckpointConfig, dump_folder: str, run_name: str
+                             ) -> CheckpointStorage:
+    """<folder>/<run_name>, the folder taken relative to the dump folder unless absolute or
+    a URL. Under Ray this is the Ray run directory (storage_path=<folder>, name=run_name)."""
+    return CheckpointStorage(f"{checkpoint_base(cfg, dump_folder)}/{run_name}",
+                             parse_storage_options(cfg.storage_options))
+
+
+def checkpoint_base(cfg: CheckpointConfig, dump_folder: str) -> str:
+    folder = cfg.folder
+    if "://" in folder or os.path.isabs(folder):
+        return folder.rstrip("/")
+    return os.path.abspath(os.path.join(dump_folder, folder))
+
+

@@ -1,0 +1,283 @@
+"""Where checkpoints live: step directories on any fsspec filesystem (local disk, s3://).
+
+    <root>/step-<N>/  .metadata  __<rank>_<i>.distcp ...   DCP shards, written by every rank
+                      checksums.json                       size + CRC32 of each shard file
+                      run_config.toml  tokenizer/          rank 0
+                      COMMIT.json                          rank 0, LAST
+
+A step is *committed* iff its COMMIT.json exists and parses. Only committed steps are loaded,
+counted as latest or kept by retention. COMMIT.json is written only after DCP's save has
+returned on the coordinator, which happens after every rank's shards are written (and
+fsync'd on local disk), so a crash at any moment leaves either a committed step that is
+complete or an uncommitted one that is ignored and cleaned later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import fsspec
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.storage import WriteResult
+
+COMMIT_FILE = "COMMIT.json"
+CHECKSUMS_FILE = "checksums.json"
+FORMAT = "raytitan-checkpoint/1"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# A WriteResult that carries one rank's {file: [size, crc32]} to the DCP coordinator; it is
+# removed before DCP writes its metadata.
+_CHECKSUM_FQN = "__raytitan_file_checksums__"
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or does not fit this run."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def parse_storage_options(options: list[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in options)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    committed: bool
+    commit: dict | None
+
+
+class CheckpointStorage:
+    """The folder of one run's step directories, on the filesystem its URL names."""
+
+    def __init__(self, url: str, storage_options: dict[str, str] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.options = storage_options or {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_local = "file" in protocols or "local" in protocols
+
+    def __repr__(self) -> str:
+        return f"CheckpointStorage({self.url!r})"
+
+    # -- paths --------------------------------------------------------------------------
+
+    def step_url(self, step: int) -> str:
+        """The URL DCP's fsspec writer and reader are given (keeps the s3:// scheme)."""
+        return f"{self.url}/{step_name(step)}"
+
+    def step_path(self, step: int, *parts: str) -> str:
+        return "/".join([self.root, step_name(step), *parts])
+
+    # -- listing ------------------------------------------------------------------------
+
+    def list_steps(self) -> list[StepInfo]:
+        """Every step directory in the folder, committed or not, oldest first."""
+        self.fs.invalidate_cache(self.root)  # other processes wrote here
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        steps = []
+        for entry in entries:
+            match = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+            if match:
+                step = int(match.group(1))
+                commit = self.read_commit(step)
+                steps.append(StepInfo(step, commit is not None, commit))
+        return sorted(steps, key=lambda s: s.step)
+
+    def committed_steps(self) -> list[int]:
+        return [s.step for s in self.list_steps() if s.committed]
+
+    def read_commit(self, step: int) -> dict | None:
+        """The commit manifest of `step`, or None if it is absent or unreadable (a torn
+        write counts as not committed)."""
+        path = self.step_path(step, COMMIT_FILE)
+        self.fs.invalidate_cache(self.step_path(step))
+        try:
+            with self.fs.open(path, "rb") as f:
+                commit = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+        return commit if isinstance(commit, dict) and commit.get("step") == step else None
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_file(self, step: int, relpath: str, data: bytes) -> None:
+        path = self.step_path(step, relpath)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+
+    def write_commit(self, step: int, manifest: dict) -> None:
+        """Write COMMIT.json atomically: rename on local disk (after fsync), a single PUT
+        on object stores."""
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        path = self.step_path(step, COMMIT_FILE)
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+
+    def remove_step(self, step: int) -> None:
+        """Delete a step directory, COMMIT.json first: a crash halfway leaves an
+        uncommitted directory, never a committed one with files missing."""
+        commit = self.step_path(step, COMMIT_FILE)
+        if self.fs.exists(commit):
+            self.fs.rm_file(commit)
+        if self.fs.exists(self.step_path(step)):
+            self.fs.rm(self.step_path(step), recursive=True)
+        self.fs.invalidate_cache(self.root)
+
+    def read_checksums(self, step: int) -> dict[str, list[int]]:
+        with self.fs.open(self.step_path(step, CHECKSUMS_FILE), "rb") as f:
+            return json.loads(f.read())
+
+    # -- verification -------------------------------------------------------------------
+
+    def file_sizes(self, step: int) -> dict[str, int]:
+        base = self.step_path(step)
+        self.fs.invalidate_cache(base)
+        found = self.fs.find(base, detail=True)
+        return {path[len(base) + 1:]: int(info["size"]) for path, info in found.items()}
+
+    def check_sizes(self, step: int, commit: dict) -> list[str]:
+        """Problems with the files of a committed step: missing or of the wrong size."""
+        sizes = self.file_sizes(step)
+        problems = []
+        for name, entry in sorted(commit["files"].items()):
+            if name not in sizes:
+                problems.append(f"{name} is missing")
+            elif sizes[name] != entry["size"]:
+                problems.append(f"{name} has {sizes[name]} bytes, the commit recorded "
+                                f"{entry['size']}")
+        return problems
+
+    def check_crc(self, step: int, commit: dict, names: list[str]) -> list[str]:
+        """Re-read `names` and compare their CRC32 with the commit manifest."""
+        problems = []
+        for name in names:
+            want = commit["files"][name].get("crc32")
+            if want is None:
+                continue
+            crc = 0
+            with self.fs.open(self.step_path(step, name), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+            if crc != want:
+                problems.append(f"{name} has CRC32 {crc:08x}, the commit recorded {want:08x}")
+        return problems
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crc32(data: bytes) -> int:
+    return zlib.crc32(data)
+
+
+# -- DCP writer and reader --------------------------------------------------------------
+
+
+class _CountingStream:
+    """Passes writes through to the real file, counting bytes and (optionally) CRC32."""
+
+    def __init__(self, raw, with_crc: bool) -> None:
+        self._raw = raw
+        self._with_crc = with_crc
+        self.size = 0
+        self.crc = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.size += view.nbytes
+        if self._with_crc:
+            self.crc = zlib.crc32(view, self.crc)
+        return self._raw.write(data)
+
+    def __getattr__(self, name):  # tell, flush, fileno, close, ...
+        return getattr(self._raw, name)
+
+
+class _CountingFileSystem(FileSystem):
+    """DCP's fsspec FileSystem, recording size and CRC32 of every file it writes."""
+
+    def __init__(self, fs, with_crc: bool) -> None:
+        super().__init__()
+        self.fs = fs
+        self.with_crc = with_crc
+        self.written: dict[str, list[int | None]] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode) -> Iterator:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            counted = _CountingStream(stream, self.with_crc)
+            yield counted
+        self.written[os.path.basename(os.fspath(path))] = [
+            counted.size, counted.crc if self.with_crc else None]
+
+
+class StepWriter(FsspecWriter):
+    """DCP's fsspec writer that also records each shard file's size and CRC32 as it is
+    written (no second read) and has the coordinator store them in checksums.json."""
+
+    def __init__(self, url: str, *, storage_options: dict[str, str], checksums: bool,
+                 thread_count: int = 1) -> None:
+        fs, _ = fsspec.core.url_to_fs(url, **storage_options)
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        local = "file" in protocols or "local" in protocols
+        # NOTE: fsync only means something on local disk; on object stores DCP would fall
+        # back to os.sync() of the whole host.
+        super().__init__(url, sync_files=local, thread_count=thread_count, **storage_options)
+        self.fs = _CountingFileSystem(self.fs.fs, checksums)
+
+    def write_data(self, plan, planner):
+        results = super().write_data(plan, planner).wait()
+        carrier = WriteResult(index=MetadataIndex(_CHECKSUM_FQN), size_in_bytes=0,
+                              storage_data=dict(self.fs.written))
+        from torch.futures import Future
+
+        fut: Future = Future()
+        fut.set_result([*results, carrier])
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        files: dict[str, list[int | None]] = {}
+        clean = []
+        for rank_results in results:
+            clean.append([r for r in rank_results if r.index.fqn != _CHECKSUM_FQN])
+            for r in rank_results:
+                if r.index.fqn == _CHECKSUM_FQN:
+                    files.update(r.storage_data)
+        with self.fs.create_stream(self.fs.concat_path(self.path, CHECKSUMS_FILE), "wb") as f:
+            f.write(json.dumps(files, sort_keys=True).encode())
+        super().finish(metadata, clean)
+
+
+def step_reader(url: str, storage_options: dict[str, str]) -> FsspecReader:
+    return FsspecReader(url, **storage_options)
