@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -89,6 +90,18 @@ class _PendingSave:
     model_only: bool
     started: float
     stall: float
+
+
+def _describe(error: BaseException) -> str:
+    """The per-rank causes inside DCP's CheckpointException, else the error itself."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {rank}: {type(cause).__name__}: {cause}")
+        return "; ".join(parts)
+    return f"{type(error).__name__}: {error}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -198,7 +211,11 @@ class CheckpointManager:
                             storage_options=self.storage.options,
                             checksums=self.cfg.save_checksums)
         if final or self.cfg.async_mode == "disabled":
-            dcp.save(state, storage_writer=writer, process_group=self.pg)
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self.pg)
+            except (Exception, CheckpointException) as e:
+                raise CheckpointError(f"saving {self.storage.step_url(step)} failed: "
+                                      f"{_describe(e)}") from e
             self.last_stall_sec = self.last_save_sec = time.perf_counter() - start
             self._commit(step, model_only, self.last_save_sec)
             return
@@ -235,7 +252,7 @@ class CheckpointManager:
         if wait:
             try:
                 pending.future.result()
-            except Exception:
+            except (Exception, CheckpointException):
                 pass  # raised on every rank below
         done = pending.future.done()
         failed = done and pending.future.exception() is not None
@@ -247,9 +264,9 @@ class CheckpointManager:
         if int(flags[1]):
             error = pending.future.exception()
             raise CheckpointError(
-                f"background save of step {pending.step} to {self.storage.step_url(pending.step)} "
-                f"failed on {int(flags[1])} rank(s)"
-                + (f": {type(error).__name__}: {error}" if error else "")) from error
+                f"background save of {self.storage.step_url(pending.step)} failed on "
+                f"{int(flags[1])} rank(s)" + (f": {_describe(error)}" if error else "")
+            ) from error
         self.last_stall_sec = pending.stall
         self.last_save_sec = time.perf_counter() - pending.started
         self._commit(pending.step, pending.model_only, self.last_save_sec)
@@ -496,10 +513,10 @@ class CheckpointManager:
         try:
             dcp.load(request, storage_reader=reader, planner=DefaultLoadPlanner(),
                      process_group=self.pg)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(
                 f"loading {url} failed (dist_ckpt_strictness = {cfg.dist_ckpt_strictness}): "
-                f"{e}") from e
+                f"{_describe(e)}") from e
         self._apply(request)
         seconds = time.perf_counter() - start
         logger.info("checkpoint: loaded %s of %s in %.2f s", sorted(request), url, seconds)

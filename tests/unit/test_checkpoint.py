@@ -1,0 +1,384 @@
+"""CheckpointManager in one process (a world-1 gloo group): commit protocol, damage
+detection, selection of the step to load, every toggle, and the strictness modes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raytitan.checkpoint import CheckpointError, CheckpointManager, CheckpointStorage
+from raytitan.checkpoint.storage import COMMIT_FILE, StepWriter
+from raytitan.config import ConfigError
+from raytitan.config.job_config import Checkpoint as CheckpointConfig
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Counter:
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+class Run:
+    """A tiny model + optimizer + states, trained a step at a time, with a manager."""
+
+    def __init__(self, folder, *, model: nn.Module | None = None, seed: int = 0, **cfg):
+        torch.manual_seed(seed)
+        self.model = model or nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        self.train_state = Counter()
+        self.dataloader = Counter()
+        self.storage = CheckpointStorage(str(folder))
+        self.cfg = CheckpointConfig(enable=True, interval=1, **cfg)
+        self.ckpt = CheckpointManager(
+            self.cfg, storage=self.storage, model_parts=[self.model], optimizers=[self.opt],
+            states={"train_state": self.train_state, "dataloader": self.dataloader},
+            files={"run_config.toml": b"x = 1\n"})
+
+    def step(self) -> None:
+        loss = self.model(torch.randn(4, 8)).square().mean()
+        loss.backward()
+        self.ckpt.wait_for_staging()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.train_state.value += 1
+        self.dataloader.value += 8
+
+    def train_and_save(self, steps: int, **save_kwargs) -> None:
+        for _ in range(steps):
+            self.step()
+        self.ckpt.save(self.train_state.value, **save_kwargs)
+        self.ckpt.poll(wait=True)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# -- save, commit, resume -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_resume_restores_everything_bitwise(tmp_path, mode):
+    run = Run(tmp_path, async_mode=mode)
+    run.train_and_save(3)
+    weights, opt_state = run.weights(), copy.deepcopy(run.opt.state_dict())
+    rng = torch.get_rng_state()
+    run.step()  # diverge from the checkpoint in every way
+    torch.manual_seed(123)
+
+    resumed = Run(tmp_path, seed=7)
+    result = resumed.ckpt.load()
+    assert result.step == 3
+    assert result.keys == ["dataloader", "model", "optimizer", "rng", "train_state"]
+    assert same(resumed.weights(), weights)
+    assert resumed.train_state.value == 3 and resumed.dataloader.value == 24
+    assert torch.equal(torch.get_rng_state(), rng)
+    for p, state in opt_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed.opt.state_dict()["state"][p][key], value), key
+
+
+def test_commit_manifest_lists_every_file_with_size_and_crc(tmp_path):
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    step_dir = tmp_path / "step-1"
+    commit = json.loads((step_dir / COMMIT_FILE).read_text())
+    on_disk = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+               if p.is_file() and p.name != COMMIT_FILE}
+    assert set(commit["files"]) == on_disk
+    assert {".metadata", "checksums.json", "run_config.toml", "__0_0.distcp"} <= on_disk
+    for name, entry in commit["files"].items():
+        assert entry["size"] == (step_dir / name).stat().st_size
+        assert isinstance(entry["crc32"], int)
+    assert commit["step"] == 1 and commit["world_size"] == 1 and not commit["model_only"]
+
+
+def test_save_checksums_off_records_sizes_only(tmp_path):
+    run = Run(tmp_path, save_checksums=False)
+    run.train_and_save(1)
+    commit = json.loads((tmp_path / "step-1" / COMMIT_FILE).read_text())
+    assert all(set(entry) == {"size"} for entry in commit["files"].values())
+
+
+def test_crash_during_save_keeps_previous_step_latest(tmp_path, monkeypatch):
+    run = Run(tmp_path)
+    run.train_and_save(2)
+    weights = run.weights()
+
+    original = StepWriter.write_data
+
+    def crash_midway(self, plan, planner):
+        original(self, plan, planner)  # the shards are on disk ...
+        raise OSError("simulated crash before the commit")
+
+    monkeypatch.setattr(StepWriter, "write_data", crash_midway)
+    with pytest.raises(CheckpointError, match="step-4 failed.*simulated crash"):
+        run.train_and_save(2)
+    monkeypatch.undo()
+    assert (tmp_path / "step-4" / "__0_0.distcp").exists()
+    assert not (tmp_path / "step-4" / COMMIT_FILE).exists()
+    assert run.storage.committed_steps() == [2]
+
+    resumed = Run(tmp_path, seed=1)
+    assert resumed.ckpt.load().step == 2
+    assert same(resumed.weights(), weights)
+    assert not (tmp_path / "step-4").exists()  # the leftover is cleaned
+
+
+def test_torn_commit_file_is_not_committed(tmp_path):
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    run.train_and_save(1)
+    (tmp_path / "step-2" / COMMIT_FILE).write_text('{"step": 2, "fi')
+    assert run.storage.committed_steps() == [1]
+    assert Run(tmp_path).ckpt.load().step == 1
+
+
+def test_truncated_shard_names_step_file_and_load_step(tmp_path):
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    run.train_and_save(1)
+    shard = tmp_path / "step-2" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as e:
+        Run(tmp_path).ckpt.load()
+    assert "step-2" in str(e.value) and "__0_0.distcp" in str(e.value)
+    assert "load_step" in str(e.value) and "[1]" in str(e.value)
+    assert Run(tmp_path, load_step=1).ckpt.load().step == 1
+
+
+def test_verify_integrity_catches_a_flipped_byte(tmp_path):
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    shard = tmp_path / "step-1" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    commit = json.loads((tmp_path / "step-1" / COMMIT_FILE).read_text())
+    assert run.storage.check_sizes(1, commit) == []  # same size: only a checksum can tell
+    with pytest.raises(CheckpointError, match=r"step-1.*__0_0.distcp has CRC32"):
+        Run(tmp_path, verify_integrity=True).ckpt.load()
+
+
+def test_keep_latest_k_deletes_oldest_committed_only(tmp_path):
+    run = Run(tmp_path, keep_latest_k=2)
+    for _ in range(4):
+        run.train_and_save(1)
+    assert run.storage.committed_steps() == [3, 4]
+
+
+def test_saving_over_an_abandoned_step_replaces_it(tmp_path):
+    run = Run(tmp_path)
+    run.train_and_save(2)
+    run.train_and_save(2)
+    other = Run(tmp_path, load_step=2, load_rng=False, seed=3)  # other batches from step 2
+    other.ckpt.load()
+    other.train_and_save(2)  # a different step-4
+    loaded = Run(tmp_path, seed=11)
+    assert loaded.ckpt.load().step == 4
+    assert same(loaded.weights(), other.weights())
+    assert not same(loaded.weights(), run.weights())
+
+
+# -- which step is loaded -------------------------------------------------------------------
+
+
+def test_load_step_missing_lists_committed_steps(tmp_path):
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    run.train_and_save(2)
+    with pytest.raises(CheckpointError, match=r"load_step = 2.*committed steps: \[1, 3\]"):
+        Run(tmp_path, load_step=2).ckpt.load()
+    assert Run(tmp_path, load_step=1).ckpt.load().step == 1
+    assert Run(tmp_path).ckpt.load().step == 3
+
+
+def test_fresh_start_and_exit_on_missing_checkpoint(tmp_path):
+    assert Run(tmp_path).ckpt.load() is None
+    with pytest.raises(CheckpointError, match="exit_on_missing_checkpoint"):
+        Run(tmp_path, exit_on_missing_checkpoint=True).ckpt.load()
+
+
+def test_initial_load_path_and_its_precedence(tmp_path, caplog):
+    source = Run(tmp_path / "pretrained", seed=5)
+    source.train_and_save(2)
+    weights = source.weights()
+
+    fresh = Run(tmp_path / "run", initial_load_path=str(tmp_path / "pretrained" / "step-2"))
+    result = fresh.ckpt.load()
+    assert result.step == 2 and result.keys == ["model"]  # initial_load_model_only
+    assert same(fresh.weights(), weights) and fresh.train_state.value == 0
+    fresh.train_and_save(1)
+
+    # Once the run has its own checkpoint, it resumes from it and says so loudly.
+    with caplog.at_level(logging.WARNING, logger="raytitan"):
+        again = Run(tmp_path / "run", initial_load_path=str(tmp_path / "pretrained" / "step-2"))
+        assert again.ckpt.load().step == 1
+    assert "IGNORED" in caplog.text
+
+    full = Run(tmp_path / "run2", initial_load_path=str(tmp_path / "pretrained" / "step-2"),
+               initial_load_model_only=False)
+    assert full.ckpt.load().keys == ["dataloader", "model", "optimizer", "rng", "train_state"]
+    with pytest.raises(CheckpointError, match="not a committed"):
+        Run(tmp_path / "run3", initial_load_path=str(tmp_path / "nowhere" / "step-1")).ckpt.load()
+
+
+def test_model_only_final_save_with_export_dtype(tmp_path):
+    run = Run(tmp_path, last_save_model_only=True, export_dtype="bfloat16")
+    run.train_and_save(1)
+    run.train_and_save(1, final=True)
+    commit = json.loads((tmp_path / "step-2" / COMMIT_FILE).read_text())
+    assert commit["model_only"] and commit["dtype"] == "bfloat16" and commit["keys"] == ["model"]
+    metadata = torch.distributed.checkpoint.FileSystemReader(
+        str(tmp_path / "step-2")).read_metadata()
+    keys = set(metadata.state_dict_metadata)
+    assert all(k.startswith("model.") for k in keys)
+    assert {metadata.state_dict_metadata[k].properties.dtype for k in keys} == {torch.bfloat16}
+    # Resuming prefers the newest full-state step; the export is loaded only when asked for.
+    assert Run(tmp_path).ckpt.load().step == 1
+    loaded = Run(tmp_path, load_step=2)
+    assert loaded.ckpt.load().keys == ["model"]
+    for p, q in zip(loaded.weights(), run.weights(), strict=True):
+        assert torch.equal(p, q.to(torch.bfloat16).float())
+
+
+def test_load_only_never_saves(tmp_path):
+    run = Run(tmp_path, load_only=True)
+    assert not run.ckpt.should_save(1, 10) and not run.ckpt.should_save(10, 10)
+    assert Run(tmp_path).ckpt.should_save(10, 10)
+
+
+# -- toggles --------------------------------------------------------------------------------
+
+
+def test_save_optim_and_save_rng_off(tmp_path):
+    run = Run(tmp_path, save_optim=False, save_rng=False)
+    run.train_and_save(1)
+    keys = torch.distributed.checkpoint.FileSystemReader(
+        str(tmp_path / "step-1")).read_metadata().state_dict_metadata
+    assert not any(k.startswith(("optimizer.", "rng.")) for k in keys)
+    fresh = Run(tmp_path, seed=2)
+    assert fresh.ckpt.load().keys == ["dataloader", "model", "train_state"]
+    assert fresh.opt.state_dict()["state"] == {}
+
+
+def test_load_optim_off_keeps_a_fresh_optimizer(tmp_path):
+    Run(tmp_path).train_and_save(2)
+    fresh = Run(tmp_path, load_optim=False)
+    assert "optimizer" not in fresh.ckpt.load().keys
+    assert fresh.opt.state_dict()["state"] == {}
+
+
+def test_load_rng_off_keeps_this_process_rng(tmp_path):
+    Run(tmp_path).train_and_save(1)
+    torch.manual_seed(99)
+    random.seed(99)
+    mine = torch.get_rng_state()
+    run = Run(tmp_path, load_rng=False, seed=99)
+    mine = torch.get_rng_state()
+    run.ckpt.load()
+    assert torch.equal(torch.get_rng_state(), mine)
+
+
+@pytest.mark.parametrize("excluded", ["dataloader", "train_state", "optimizer", "model"])
+def test_exclude_from_loading(tmp_path, excluded):
+    source = Run(tmp_path)
+    source.train_and_save(2)
+    run = Run(tmp_path, exclude_from_loading=[excluded], seed=4)
+    before = run.weights()
+    assert excluded not in run.ckpt.load().keys
+    if excluded == "dataloader":
+        assert run.dataloader.value == 0 and run.train_state.value == 2
+    if excluded == "train_state":
+        assert run.train_state.value == 0 and run.dataloader.value == 16
+    if excluded == "optimizer":
+        assert run.opt.state_dict()["state"] == {}
+    if excluded == "model":
+        assert same(run.weights(), before)
+
+
+def test_exclude_from_loading_is_validated():
+    with pytest.raises(ConfigError, match="lr_schedular.*lr_scheduler"):
+        CheckpointConfig(exclude_from_loading=["lr_schedular"])
+
+
+# -- strictness ---------------------------------------------------------------------------
+
+
+def _wider_model() -> nn.Module:
+    """The Run model plus one parameter the checkpoint does not have."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model.register_parameter("extra", nn.Parameter(torch.ones(3)))
+    return model
+
+
+def _narrower_model() -> nn.Module:
+    """The Run model without the last layer's bias (a key of the checkpoint nobody asks for)."""
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
+
+
+@pytest.mark.parametrize("mode", ["log_unexpected", "log_all", "return_unexpected",
+                                  "return_all", "ignore_all"])
+def test_strictness_modes_that_load_what_matches(tmp_path, mode):
+    source = Run(tmp_path)
+    source.train_and_save(1)
+    run = Run(tmp_path, model=_wider_model(), dist_ckpt_strictness=mode, load_optim=False)
+    result = run.ckpt.load()
+    assert result.unexpected == ["model.extra"]
+    assert torch.equal(run.model.extra, torch.ones(3))
+    assert torch.equal(run.model[0].weight, source.model[0].weight)
+
+
+def test_strictness_missing_keys_only_reported_by_all_modes(tmp_path):
+    Run(tmp_path).train_and_save(1)
+    assert Run(tmp_path, model=_narrower_model(), load_optim=False,
+               dist_ckpt_strictness="return_all").ckpt.load().missing == ["model.2.bias"]
+    assert Run(tmp_path, model=_narrower_model(), load_optim=False,
+               dist_ckpt_strictness="return_unexpected").ckpt.load().missing == []
+    with pytest.raises(CheckpointError, match="raise_all.*model.2.bias"):
+        Run(tmp_path, model=_narrower_model(), load_optim=False,
+            dist_ckpt_strictness="raise_all").ckpt.load()
+    # raise_unexpected does not mind keys nobody asked for.
+    Run(tmp_path, model=_narrower_model(), load_optim=False,
+        dist_ckpt_strictness="raise_unexpected").ckpt.load()
+
+
+@pytest.mark.parametrize("mode", ["raise_unexpected", "raise_all", "assume_ok_unexpected"])
+def test_strictness_modes_that_fail_on_unexpected(tmp_path, mode):
+    Run(tmp_path).train_and_save(1)
+    with pytest.raises(CheckpointError, match=f"{mode}.*extra"):
+        Run(tmp_path, model=_wider_model(), dist_ckpt_strictness=mode,
+            load_optim=False).ckpt.load()
+
+
+def test_storage_rejects_step_dirs_it_does_not_own(tmp_path):
+    os.makedirs(tmp_path / "step-x")
+    os.makedirs(tmp_path / "notes")
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    assert [s.step for s in run.storage.list_steps()] == [1]
