@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,9 @@ def read_losses(dump_folder: str | Path) -> list[float]:
 
 
 def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
-                 timeout: int = 300) -> list[float]:
-    """Run `python -m torch.distributed.run -m raytitan.train` and return the losses."""
+                 timeout: int = 300, *, read: bool = True) -> list[float]:
+    """Run `python -m torch.distributed.run -m raytitan.train` and return the losses
+    (of steps 1.. in metrics.jsonl, which a resumed run extends)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
@@ -80,4 +83,40 @@ def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
-    return read_losses(dump_folder)
+    return read_losses(dump_folder) if read else []
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """Start moto_server on loopback, point the standard AWS env at it, make a bucket."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("raytitan-test")
+    yield "s3://raytitan-test"
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

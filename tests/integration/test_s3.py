@@ -4,51 +4,8 @@ through fsspec, and training streams shards from the bucket with the same tokens
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 
-import pytest
-
-from tests.conftest import BASE_OVERRIDES, free_port, run_torchrun
-
-pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """Start moto_server on loopback, point the standard AWS env at it, make a bucket."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto_server did not start")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("raytitan-test")
-    yield "s3://raytitan-test"
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+from tests.conftest import BASE_OVERRIDES, run_torchrun
 
 
 def test_prepare_and_stream_from_s3(s3, tiny_dataset, tmp_path):

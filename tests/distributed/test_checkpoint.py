@@ -1,0 +1,150 @@
+"""Checkpoints of real training runs under torchrun (gloo, CPU): exact resume for each async
+mode, resharding onto other meshes, the data position across DP degrees, seed checkpoints.
+
+The reference is the debug job on 2 ranks with FSDP2, 20 steps, a checkpoint every 10."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+
+import numpy as np
+import pytest
+import torch.distributed.checkpoint as dcp
+
+from raytitan.config import load_job_config
+from raytitan.data.prepare import Manifest
+from raytitan.data.stream import TokenStream
+from tests.conftest import BASE_OVERRIDES, overrides_to_argv, run_torchrun
+
+STEP_DIR = "checkpoint/raytitan/step-{}"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dataset):
+    return {**BASE_OVERRIDES, "data.path": tiny_dataset, "training.steps": "20",
+            "checkpoint.enable": "true", "checkpoint.interval": "10"}
+
+
+@pytest.fixture(scope="module")
+def reference(base, tmp_path_factory):
+    dump = tmp_path_factory.mktemp("reference")
+    return dump, run_torchrun(2, base, dump)
+
+
+def resume_from_reference(reference, tmp_path, nproc: int, overrides: dict) -> list[float]:
+    """Copy the reference's checkpoints, resume from step 10, return all 20 losses."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    return run_torchrun(nproc, {**overrides, "checkpoint.load_step": "10"}, tmp_path)
+
+
+def test_resume_is_bitwise_exact(reference, base, tmp_path):
+    assert len(reference[1]) == 20
+    assert resume_from_reference(reference, tmp_path, 2, base) == reference[1]
+
+
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_async_save_is_exact_and_resumes_bitwise(mode, reference, base, tmp_path):
+    overrides = {**base, "checkpoint.async_mode": mode}
+    assert run_torchrun(2, overrides, tmp_path) == reference[1]  # the save did not perturb
+    (tmp_path / STEP_DIR.format(20) / "COMMIT.json").unlink()  # as if stopped after step 10
+    assert run_torchrun(2, overrides, tmp_path) == reference[1]  # auto-resumes from step 10
+
+
+def test_step_dir_holds_config_and_tokenizer(reference, tiny_dataset):
+    step = reference[0] / STEP_DIR.format(10)
+    assert (step / "tokenizer" / "tokenizer.json").read_bytes() == \
+        open(f"{tiny_dataset}/tokenizer.json", "rb").read()
+    saved = tomllib.loads((step / "run_config.toml").read_text())
+    assert saved["training"]["steps"] == 20 and saved["checkpoint"]["interval"] == 10
+    assert load_job_config(str(step / "run_config.toml")).data.path == tiny_dataset
+
+
+@pytest.mark.parametrize("mesh", [
+    {"parallelism.tensor_parallel_degree": "2"},
+    {"parallelism.pipeline_parallel_degree": "2"},
+    "single process",
+])
+def test_resume_onto_another_mesh(mesh, reference, base, tmp_path):
+    nproc = 1 if mesh == "single process" else 2
+    overrides = {**base, **({} if nproc == 1 else mesh),
+                 "checkpoint.save_tokenizer_assets": "false"}
+    losses = resume_from_reference(reference, tmp_path, nproc, overrides)
+    assert losses[:10] == reference[1][:10]
+    for got, want in zip(losses[10:], reference[1][10:], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert not (tmp_path / STEP_DIR.format(20) / "tokenizer").exists()
+
+
+def test_data_position_re_splits_from_dp2_to_dp1(reference, tiny_dataset):
+    """The position saved by the 2-rank run, loaded into a 1-rank stream, yields exactly the
+    samples the 2 ranks would have taken next: none repeated, none skipped."""
+    state = {"dataloader": {"samples_consumed": 0, "sample_len": 0, "samples_per_epoch": 0,
+                            "seed": 0}}
+    dcp.load(state, checkpoint_id=str(reference[0] / STEP_DIR.format(10)), no_dist=True)
+    assert state["dataloader"]["samples_consumed"] == 10 * 8
+
+    manifest = Manifest.load(tiny_dataset)
+
+    def stream(rank: int, degree: int) -> TokenStream:
+        return TokenStream(manifest, seq_len=64, seed=0, dp_rank=rank, dp_degree=degree,
+                           global_batch_size=8)
+
+    single = stream(0, 1)
+    single.load_state_dict(state["dataloader"])
+    pair = [stream(0, 2), stream(1, 2)]
+    seen = set()
+    for step in range(20):
+        two = np.concatenate([s.next_batch().sample_ids.numpy() for s in pair])
+        ids = set(two.tolist())
+        if step < 10:
+            seen |= ids
+            continue
+        one = single.next_batch().sample_ids.numpy()
+        assert one.tolist() == two.tolist()
+        assert not ids & seen
+        seen |= ids
+
+
+def test_seed_checkpoint_starts_every_mesh_from_the_same_weights(base, tmp_path):
+    seed_run = tmp_path / "seed"
+    run_torchrun(1, {**base, "checkpoint.create_seed_checkpoint": "true",
+                     "training.seed": "1"}, seed_run, read=False)
+    assert (seed_run / STEP_DIR.format(0) / "COMMIT.json").exists()
+    one_step = {**base, "training.steps": "1"}
+    plain = run_torchrun(1, one_step, tmp_path / "plain")[0]  # weights from seed 0
+    first = []
+    for i, (nproc, mesh) in enumerate([(1, {}), (2, {}),
+                                       (2, {"parallelism.tensor_parallel_degree": "2"}),
+                                       (2, {"parallelism.pipeline_parallel_degree": "2"})]):
+        dump = tmp_path / f"mesh{i}"
+        shutil.copytree(seed_run / "checkpoint", dump / "checkpoint")
+        first.append(run_torchrun(nproc, {**one_step, **mesh}, dump)[0])
+    assert all(loss == pytest.approx(first[0], rel=1e-6) for loss in first), first
+    assert abs(first[0] - plain) > 1e-3  # the weights did come from the seed checkpoint
+
+
+def test_seed_checkpoint_needs_one_process(base, tmp_path):
+    with pytest.raises(AssertionError, match="world size of 1"):
+        run_torchrun(2, {**base, "checkpoint.create_seed_checkpoint": "true"}, tmp_path,
+                     read=False)
+
+
+def test_bad_load_step_fails_before_training(reference, base, tmp_path):
+    shutil.copytree(reference[0] / "checkpoint", tmp_path / "checkpoint")
+    with pytest.raises(AssertionError, match=r"load_step = 15.*committed steps: \[10, 20\]"):
+        run_torchrun(2, {**base, "checkpoint.load_step": "15"}, tmp_path, read=False)
+
+
+def test_cli_form_of_exclude_from_loading(reference, base, tmp_path):
+    """exclude_from_loading=lr_scheduler (CLI form a,b): the schedule restarts its warm-up."""
+    argv = overrides_to_argv({"checkpoint.exclude_from_loading": "lr_scheduler,rng"})
+    assert load_job_config(None, argv).checkpoint.exclude_from_loading == ["lr_scheduler", "rng"]
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    run_torchrun(2, {**base, "checkpoint.load_step": "10", "training.steps": "11",
+                     "checkpoint.exclude_from_loading": "lr_scheduler,rng"}, tmp_path)
+    import json
+
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert records[-1]["step"] == 11
+    assert records[-1]["lr"] == pytest.approx(3e-4 / 2)  # warm-up step 1 of 2
