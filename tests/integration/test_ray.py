@@ -38,7 +38,8 @@ def test_ray_launch_matches_torchrun(tiny_dataset, tmp_path):
                           env={**os.environ, **RAY_ENV})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert read_losses(ray_dump) == torchrun_losses  # bitwise: same floats
-    assert (ray_dump / "ray-vs-torchrun").is_dir()  # Ray's run directory in the dump folder
+    # Ray's run directory is the checkpoint folder's <job.name>: <dump>/checkpoint/<name>
+    assert (ray_dump / "checkpoint" / "ray-vs-torchrun").is_dir()
 
 
 def test_prepare_ray_equals_prepare_local(local_ray, tiny_dataset, tmp_path):
