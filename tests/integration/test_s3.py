@@ -39,3 +39,25 @@ def test_train_from_s3_matches_local(s3, tiny_dataset, tmp_path):
     local = run_torchrun(1, {**base, "data.path": tiny_dataset}, tmp_path / "local")
     remote = run_torchrun(1, {**base, "data.path": f"{s3}/copy"}, tmp_path / "s3")
     assert remote == local
+
+
+def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path):
+    """The checkpoint folder on s3://: shards go straight to the bucket (async), a run stopped
+    after step 10 resumes bitwise; storage options never reach the checkpoint."""
+    import fsspec
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    base = {**BASE_OVERRIDES, "data.path": tiny_dataset, "training.steps": "20",
+            "checkpoint.enable": "true", "checkpoint.interval": "10",
+            "checkpoint.folder": f"{s3}/ckpt", "checkpoint.async_mode": "async",
+            "checkpoint.storage_options": f"endpoint_url={endpoint}"}
+    full = run_torchrun(2, base, tmp_path / "full")
+    fs = fsspec.filesystem("s3")
+    run_dir = f"{s3}/ckpt/raytitan"
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(run_dir)) == ["step-10", "step-20"]
+    config = fs.cat_file(f"{run_dir}/step-10/run_config.toml").decode()
+    assert endpoint not in config and "endpoint_url=<redacted>" in config
+
+    fs.rm_file(f"{run_dir}/step-20/COMMIT.json")  # as if the run stopped after step 10
+    resumed = run_torchrun(2, base, tmp_path / "full")
+    assert resumed == full
