@@ -17,8 +17,10 @@ FSDP2-sharded stack of Linear(d, d) layers plus its AdamW state (params + 2 fp32
      wait_for_staging() called right after it, so no overlap with a training step: an upper
      bound) and the persist time (save() until poll(wait=True) has committed the step).
 
-Timings are barrier to barrier (the slowest rank counts); old checkpoints are deleted
-before each save. GB/s = bytes on disk (sum of the files written; GB = 1e9 B) / seconds.
+Each repeat runs every method back to back (this VM drifts a lot over minutes), and the
+raytitan-vs-DCP time ratios are medians of per-repeat (paired) ratios. Timings are barrier
+to barrier (the slowest rank counts); checkpoints are deleted after each measurement.
+GB/s = bytes on disk (sum of the files written; GB = 1e9 B) / seconds.
 Prints a markdown table (on stderr with --json, which prints one JSON object on stdout);
 --write-docs replaces the "checkpoint" section of docs/benchmarks.md.
 
@@ -86,10 +88,8 @@ def evict(path: str) -> None:
     """Drop the (clean: fsync'd) page cache of every file under path."""
     for p in files(path):
         fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
 
 
 def du(path: str) -> int:
@@ -97,8 +97,7 @@ def du(path: str) -> int:
 
 
 def rm(path: str) -> None:
-    on_rank0(lambda: shutil.rmtree(path) if os.path.isdir(path) else
-             os.remove(path) if os.path.exists(path) else None)
+    on_rank0(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
 def machine(target: str) -> str:
@@ -111,9 +110,8 @@ def machine(target: str) -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.step = 0
+class Counter:  # stands in for the train_state
+    step = 0
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -132,24 +130,18 @@ def main(a: argparse.Namespace) -> None:
         rows, state_bytes, layers = measure(a, box[0])
         if dist.get_rank() == 0:
             report(a, rows, state_bytes, layers, machine(box[0]))
-    finally:
         dist.barrier()
+    finally:
         if dist.get_rank() == 0:
             shutil.rmtree(box[0], ignore_errors=True)
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
     import torch.distributed.checkpoint as dcp
     from torch import nn
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint import state_dict as sd
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -199,29 +191,29 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
                 while f.readinto(buf):
                     pass
 
-        seconds = [timed(write if active else lambda: None)]
+        seconds = timed(write if active else lambda: None)
         if active:
             evict(path)
-        seconds.append(timed(read if active else lambda: None))
+        seconds = (seconds, timed(read if active else lambda: None))
         if active:
             os.remove(path)
-        if record:
-            add(f"raw disk write ({writers}p)", seconds[0])
-            add(f"raw disk read ({writers}p)", seconds[1])
+        for kind, t in zip(("write", "read"), seconds if record else ()):
+            add(f"raw disk {kind} ({writers}p)", t)
 
     # 2. torch.save of the gathered full state on rank 0.
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def torch_save() -> None:
-        path = f"{base}/full.pt"
+        path = f"{base}/torch_save"
+        os.makedirs(path, exist_ok=True)
 
         def save() -> None:
             start = time.perf_counter()
-            state = {"model": get_model_state_dict(model, options=full),
-                     "optimizer": get_optimizer_state_dict(model, opt, options=full)}
+            state = {"model": sd.get_model_state_dict(model, options=full),
+                     "optimizer": sd.get_optimizer_state_dict(model, opt, options=full)}
             add("gather", time.perf_counter() - start, extra)
             if rank == 0:
-                with open(path, "wb") as f:
+                with open(f"{path}/full.pt", "wb") as f:
                     torch.save(state, f)
                     f.flush()
                     os.fsync(f.fileno())
@@ -232,8 +224,8 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
 
     # 3. Stock DCP with the default FileSystemWriter / FileSystemReader.
     def sharded() -> dict:
-        return {"model": get_model_state_dict(model),
-                "optimizer": get_optimizer_state_dict(model, opt)}
+        return {"model": sd.get_model_state_dict(model),
+                "optimizer": sd.get_optimizer_state_dict(model, opt)}
 
     def stock_dcp() -> None:
         path = f"{base}/dcp"
@@ -241,8 +233,8 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
         def load() -> None:
             state = sharded()
             dcp.load(state, storage_reader=FileSystemReader(path))
-            set_model_state_dict(model, state["model"])
-            set_optimizer_state_dict(model, opt, state["optimizer"])
+            sd.set_model_state_dict(model, state["model"])
+            sd.set_optimizer_state_dict(model, opt, state["optimizer"])
 
         add("dcp.save", timed(lambda: dcp.save(sharded(), storage_writer=FileSystemWriter(path))))
         sizes["dcp.save"] = sizes["dcp.load"] = du(path)

@@ -61,3 +61,30 @@ def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path):
     fs.rm_file(f"{run_dir}/step-20/COMMIT.json")  # as if the run stopped after step 10
     resumed = run_torchrun(2, base, tmp_path / "full")
     assert resumed == full
+
+
+def test_ray_registers_and_retains_checkpoints_on_s3(s3, tiny_dataset, tmp_path):
+    """Under Ray the s3:// folder is the Ray run directory: committed steps are registered
+    without re-upload, and Ray's retention (keep_latest_k) deletes old ones in the bucket."""
+    import subprocess
+    import sys
+
+    import fsspec
+
+    from tests.conftest import ROOT, overrides_to_argv
+    from tests.integration.test_ray import RAY_ENV
+
+    overrides = {**BASE_OVERRIDES, "data.path": tiny_dataset, "training.steps": "6",
+                 "checkpoint.enable": "true", "checkpoint.interval": "3",
+                 "checkpoint.keep_latest_k": "1", "checkpoint.folder": f"{s3}/ray",
+                 "job.dump_folder": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "raytitan.cli", "train",
+                           *overrides_to_argv(overrides)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, **RAY_ENV})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[1] for p in fs.ls(f"{s3}/ray/raytitan")}
+    assert "step-6" in names and "step-3" not in names  # Ray deleted the older one
+    assert "checkpoint_manager_snapshot.json" in names  # Ray's own run state, same folder
+    assert fs.exists(f"{s3}/ray/raytitan/step-6/COMMIT.json")
