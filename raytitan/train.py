@@ -178,7 +178,7 @@ class Trainer:
                 states={"lr_scheduler": self.lr_schedule, "train_state": self,
                         "dataloader": self.stream},
                 run_info={"mesh": dims.mesh_shape(), "job": cfg.job.name},
-                files=self._checkpoint_files(manifest),
+                files=lambda: self._checkpoint_files(manifest),
                 on_commit=self._on_commit,
                 retention=not external_retention,
             )
@@ -204,7 +204,7 @@ class Trainer:
     def _checkpoint_files(self, manifest: Manifest) -> dict[str, bytes]:
         """run_config.toml (secrets redacted) and the tokenizer assets, for every step."""
         files = {"run_config.toml": to_toml(redacted(self.cfg)).encode()}
-        if self.cfg.checkpoint.save_tokenizer_assets and self.rank == 0:
+        if self.cfg.checkpoint.save_tokenizer_assets:
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(manifest.root)

@@ -88,8 +88,15 @@ class _PendingSave:
     future: Future
     staging: Future | None
     model_only: bool
+    dtype: str
     started: float
     stall: float
+
+
+def _commit_order(info) -> tuple[int, int]:
+    """Commits in the order they were made (a run resumed from an older step makes newer
+    commits with smaller step numbers)."""
+    return info.commit.get("sequence", 0), info.step
 
 
 def _describe(error: BaseException) -> str:
@@ -112,8 +119,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -128,8 +137,8 @@ class CheckpointManager:
         optimizers: one optimizer per model part.
         states: the other top-level keys: lr_scheduler, train_state, dataloader.
         run_info: written into every commit manifest (world size, mesh, ...).
-        files: extra files rank 0 writes into each step {relative path: bytes}
-            (run_config.toml, tokenizer assets).
+        files: returns the extra files rank 0 writes into each step {relative path: bytes}
+            (run_config.toml, tokenizer assets); called once, on rank 0, at the first commit.
         on_commit: called on every rank with (step, step directory name) after a commit.
         retention: delete steps beyond keep_latest_k here (False when Ray does it).
     """
@@ -143,7 +152,7 @@ class CheckpointManager:
         optimizers: list[torch.optim.Optimizer],
         states: dict[str, Stateful],
         run_info: dict[str, Any] | None = None,
-        files: dict[str, bytes] | None = None,
+        files: Callable[[], dict[str, bytes]] | None = None,
         on_commit: Callable[[int, str], None] | None = None,
         retention: bool = True,
     ) -> None:
@@ -153,7 +162,8 @@ class CheckpointManager:
         self.optimizers = optimizers
         self.states = states
         self.run_info = run_info or {}
-        self.files = files or {}
+        self._files_source = files
+        self._files_cache: dict[str, bytes] | None = None
         self.on_commit = on_commit
         self.retention = retention
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -202,11 +212,15 @@ class CheckpointManager:
     def save(self, step: int, *, final: bool = False, model_only: bool = False) -> None:
         """Save `step`. Asynchronous per async_mode unless `final`; at most one save is in
         flight (a new one first waits for the previous one to commit)."""
-        model_only = model_only or (final and self.cfg.last_save_model_only)
+        # The final export (last_save_model_only) is cast to export_dtype; an explicitly
+        # model-only save (the seed checkpoint) keeps the model's own dtype.
+        export = final and self.cfg.last_save_model_only and not model_only
+        model_only = model_only or export
         self.poll(wait=True)
         start = time.perf_counter()
         self._on_rank0(lambda: self._prepare_step_dir(step))
-        state = self._state_for_save(model_only)
+        dtype = self.cfg.export_dtype if export else "float32"
+        state = self._state_for_save(model_only, dtype)
         writer = StepWriter(self.storage.step_url(step),
                             storage_options=self.storage.options,
                             checksums=self.cfg.save_checksums)
@@ -217,7 +231,7 @@ class CheckpointManager:
                 raise CheckpointError(f"saving {self.storage.step_url(step)} failed: "
                                       f"{_describe(e)}") from e
             self.last_stall_sec = self.last_save_sec = time.perf_counter() - start
-            self._commit(step, model_only, self.last_save_sec)
+            self._commit(step, model_only, dtype, self.last_save_sec)
             return
         if self.cfg.async_mode == "async":
             # Stages a copy of the state in this thread, then writes it in a thread.
@@ -226,12 +240,16 @@ class CheckpointManager:
             staging = None
         else:
             # Stages into reused buffers in a thread; a separate process writes.
+            if torch.cuda.is_available():
+                # NOTE: the copy runs on its own CUDA stream, which does not wait for the
+                # queued optimizer step: without this it can read half-updated weights.
+                torch.cuda.current_stream().synchronize()
             response = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
                                       async_checkpointer_type=AsyncCheckpointerType.PROCESS,
                                       async_stager=self._stager)
             future, staging = response.upload_completion, response.staging_completion
         stall = time.perf_counter() - start
-        self._pending = _PendingSave(step, future, staging, model_only, start, stall)
+        self._pending = _PendingSave(step, future, staging, model_only, dtype, start, stall)
 
     def wait_for_staging(self) -> None:
         """Block until the in-flight save has copied the state; call before the optimizer
@@ -239,7 +257,10 @@ class CheckpointManager:
         pending = self._pending
         if pending is not None and pending.staging is not None:
             start = time.perf_counter()
-            pending.staging.result()
+            try:
+                pending.staging.result()
+            except (Exception, CheckpointException):
+                pass  # the upload fails too; poll() raises it on every rank
             pending.stall += time.perf_counter() - start
             pending.staging = None
 
@@ -258,7 +279,7 @@ class CheckpointManager:
         failed = done and pending.future.exception() is not None
         flags = torch.tensor([int(done), int(failed)])
         dist.all_reduce(flags, group=self.ctrl)
-        if int(flags[0]) < self.world_size:
+        if int(flags[0]) < self.world_size and not int(flags[1]):
             return
         self._pending = None
         if int(flags[1]):
@@ -269,7 +290,7 @@ class CheckpointManager:
             ) from error
         self.last_stall_sec = pending.stall
         self.last_save_sec = time.perf_counter() - pending.started
-        self._commit(pending.step, pending.model_only, self.last_save_sec)
+        self._commit(pending.step, pending.model_only, pending.dtype, self.last_save_sec)
 
     def close(self) -> None:
         """Finish an in-flight save and release staging buffers."""
@@ -282,17 +303,16 @@ class CheckpointManager:
         """Remove whatever a step directory of this name holds: the leftovers of a crashed
         save, or a committed step of an abandoned timeline (a run resumed from an earlier
         step). It is uncommitted first, so a crash now never leaves it half-replaced."""
-        for info in self.storage.list_steps():
-            if info.step == step:
-                if info.committed:
-                    logger.warning("checkpoint: replacing committed %s (this run resumed "
-                                   "from an earlier step)", step_name(step))
-                self.storage.remove_step(step)
+        if self.storage.step_exists(step):
+            if self.storage.read_commit(step) is not None:
+                logger.warning("checkpoint: replacing committed %s (this run resumed "
+                               "from an earlier step)", step_name(step))
+            self.storage.remove_step(step)
 
-    def _state_for_save(self, model_only: bool) -> dict[str, Any]:
+    def _state_for_save(self, model_only: bool, dtype_name: str) -> dict[str, Any]:
         model = self._model_state()
-        if model_only and self.cfg.export_dtype != "float32":
-            dtype = getattr(torch, self.cfg.export_dtype)
+        if dtype_name != "float32":
+            dtype = getattr(torch, dtype_name)
             model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
         state: dict[str, Any] = {"model": model}
         if model_only:
@@ -305,7 +325,7 @@ class CheckpointManager:
             state["rng"] = {f"rank{self.rank}": rng_state()}
         return state
 
-    def _commit(self, step: int, model_only: bool, seconds: float) -> None:
+    def _commit(self, step: int, model_only: bool, dtype: str, seconds: float) -> None:
         """Rank 0 writes the extra files and COMMIT.json (last); then every rank reports."""
         def commit() -> int:
             storage = self.storage
@@ -315,7 +335,7 @@ class CheckpointManager:
                 with storage.fs.open(storage.step_path(step, name), "rb") as f:
                     data = f.read()
                 files[name] = {"size": len(data), "crc32": crc32(data)}
-            for name, data in self.files.items():
+            for name, data in self._files().items():
                 storage.write_file(step, name, data)
                 files[name] = {"size": len(data), "crc32": crc32(data)}
             if not self.cfg.save_checksums:
@@ -323,18 +343,21 @@ class CheckpointManager:
             keys = ["model"] if model_only else ["model", *(["optimizer"] if self.cfg.save_optim
                                                             else []), *self.states,
                                                  *(["rng"] if self.cfg.save_rng else [])]
+            sequence = 1 + max((s.commit.get("sequence", 0) for s in storage.list_steps()
+                                if s.committed), default=0)
             storage.write_commit(step, {
                 "format": FORMAT,
                 "step": step,
+                "sequence": sequence,
                 "time": datetime.now(UTC).isoformat(timespec="seconds"),
                 "model_only": model_only,
-                "dtype": self.cfg.export_dtype if model_only else "float32",
+                "dtype": dtype,
                 "keys": keys,
                 "world_size": self.world_size,
                 **self.run_info,
                 "files": files,
             })
-            self._clean(keep_uncommitted=set())
+            self._clean(retain=True)
             return sum(entry["size"] for entry in files.values())
 
         total = self._on_rank0(commit)
@@ -342,23 +365,36 @@ class CheckpointManager:
                     "blocked %.3f s)", self.storage.step_url(step), total / 1e6, seconds,
                     total / 1e6 / max(seconds, 1e-9), self.last_stall_sec)
         if self.on_commit is not None:
-            self.on_commit(step, step_name(step))
+            # A model-only export is an artifact, not a point to resume from: Ray is told the
+            # metrics only, so its retention and get_checkpoint() see full-state steps alone.
+            self.on_commit(step, None if model_only else step_name(step))
 
-    def _clean(self, keep_uncommitted: set[int]) -> None:
-        """Rank 0: delete uncommitted leftovers and (retention) the oldest committed steps
-        beyond keep_latest_k. Never the newest committed step, never one in flight."""
+    def _clean(self, *, retain: bool) -> None:
+        """Rank 0, with no save in flight: delete uncommitted leftovers, and (`retain`) the
+        oldest commits beyond keep_latest_k, never the newest one nor the newest full-state
+        one (a model-only export cannot be resumed from)."""
         steps = self.storage.list_steps()
-        committed = [s.step for s in steps if s.committed]
         for info in steps:
-            if not info.committed and info.step not in keep_uncommitted:
+            if not info.committed:
                 logger.info("checkpoint: removing uncommitted %s (an interrupted save)",
                             step_name(info.step))
                 self.storage.remove_step(info.step)
         k = self.cfg.keep_latest_k
-        if self.retention and k > 0:
-            for step in committed[:-k]:
-                logger.info("checkpoint: removing %s (keep_latest_k = %d)", step_name(step), k)
-                self.storage.remove_step(step)
+        if not (retain and self.retention and k > 0):
+            return
+        committed = sorted((s for s in steps if s.committed), key=_commit_order)
+        full = [s for s in committed if not s.commit.get("model_only")]
+        protected = {full[-1].step} if full else set()
+        for info in committed[:-k]:
+            if info.step not in protected:
+                logger.info("checkpoint: removing %s (keep_latest_k = %d)",
+                            step_name(info.step), k)
+                self.storage.remove_step(info.step)
+
+    def _files(self) -> dict[str, bytes]:
+        if self._files_cache is None:
+            self._files_cache = self._files_source() if self._files_source else {}
+        return self._files_cache
 
     # -- state dicts --------------------------------------------------------------------
 
@@ -379,46 +415,61 @@ class CheckpointManager:
     def load(self, reported_step: int | None = None) -> LoadResult | None:
         """Load what this run should start from, or return None for a fresh start.
 
-        Precedence: `load_step` if set; else the newest committed full-state step in the
-        folder (or `reported_step`, Ray's latest registered checkpoint, if newer); else
+        Precedence: `load_step` if set (unless Ray restarted this run: `reported_step` is
+        Ray's latest registered checkpoint); else the most recently committed full-state
+        step in the folder (a model-only step-0 seed if that is all there is); else
         `initial_load_path`; else nothing (an error with exit_on_missing_checkpoint).
         """
-        url, step, commit, model_only = self._on_rank0(lambda: self._choose(reported_step))
+        url, step, commit, model_only, others = self._on_rank0(
+            lambda: self._choose(reported_step))
         if url is None:
             return None
         storage = (self.storage if url == self.storage.url
                    else CheckpointStorage(url, self.storage.options))
-        return self._load(storage, step, commit, model_only)
+        return self._load(storage, step, commit, model_only, others)
 
     def _choose(self, reported_step: int | None):
         cfg = self.cfg
-        steps = self.storage.list_steps()
         if not cfg.load_only:
-            self._clean(keep_uncommitted=set())
+            self._clean(retain=False)
+        steps = self.storage.list_steps()
         committed = {s.step: s.commit for s in steps if s.committed}
+        ordered = [s.step for s in sorted((s for s in steps if s.committed), key=_commit_order)]
         where = self.storage.url
-        if cfg.load_step >= 0:
+        step = None
+        if cfg.load_step >= 0 and reported_step is not None:
+            logger.warning("checkpoint: Ray restarted this run after it committed %s, so it "
+                           "resumes from its newest step, not load_step = %d",
+                           step_name(reported_step), cfg.load_step)
+        elif cfg.load_step >= 0:
             if cfg.load_step not in committed:
                 raise CheckpointError(
                     f"checkpoint.load_step = {cfg.load_step}: {where} has no committed "
                     f"{step_name(cfg.load_step)}; committed steps: {sorted(committed) or 'none'}")
             step = cfg.load_step
-        else:
-            full = [s for s, c in committed.items() if not c.get("model_only")]
-            if reported_step is not None and reported_step in committed:
-                full.append(reported_step)
-            step = max(full) if full else max(committed, default=None)
-            if step is not None and reported_step is not None and reported_step != step:
+        if step is None and committed:
+            full = [s for s in ordered if not committed[s].get("model_only")]
+            if full:
+                step = full[-1]
+            elif 0 in committed:
+                step = 0  # a seed checkpoint
+            else:
+                raise CheckpointError(
+                    f"{where} holds only model-only steps {sorted(committed)} (final exports), "
+                    "which hold no optimizer or data position to resume from; start from one "
+                    "with --checkpoint.load_step N, or use another folder or job.name")
+            if reported_step is not None and reported_step != step:
                 logger.info("checkpoint: Ray's latest registered checkpoint is %s, but %s is "
                             "the newest committed step in storage: resuming from it",
                             step_name(reported_step), step_name(step))
+        others = [s for s in sorted(committed) if s != step]
         if step is not None:
             if cfg.initial_load_path:
                 logger.warning("checkpoint: %s holds committed %s, so the run RESUMES from it "
                                "and checkpoint.initial_load_path = %s is IGNORED",
                                where, step_name(step), cfg.initial_load_path)
             commit = committed[step]
-            return self.storage.url, step, commit, bool(commit.get("model_only"))
+            return self.storage.url, step, commit, bool(commit.get("model_only")), others
         if cfg.initial_load_path:
             parent, _, name = cfg.initial_load_path.rstrip("/").rpartition("/")
             initial = CheckpointStorage(parent, self.storage.options)
@@ -432,58 +483,58 @@ class CheckpointManager:
             logger.info("checkpoint: no checkpoint in %s; starting from "
                         "initial_load_path %s%s", where, cfg.initial_load_path,
                         " (model only)" if cfg.initial_load_model_only else "")
-            return initial.url, commit["step"], commit, cfg.initial_load_model_only
+            return initial.url, commit["step"], commit, cfg.initial_load_model_only, []
         if cfg.exit_on_missing_checkpoint:
             raise CheckpointError(
                 f"no committed checkpoint in {where} and no initial_load_path, and "
                 "checkpoint.exit_on_missing_checkpoint = true; uncommitted step dirs: "
                 f"{[step_name(s.step) for s in steps if not s.committed] or 'none'}")
         logger.info("checkpoint: no checkpoint in %s; starting from scratch", where)
-        return None, None, None, None
+        return None, None, None, None, []
 
-    def _verify(self, storage: CheckpointStorage, step: int, commit: dict) -> None:
-        """Sizes always (rank 0); CRC32s with verify_integrity (files split over ranks)."""
-        committed = [s for s in self.storage.committed_steps() if s != step] \
-            if self.rank == 0 else []
-
-        def fail(problems: list[str]) -> CheckpointError:
+    def _verify(self, storage: CheckpointStorage, step: int, commit: dict,
+                others: list[int]) -> None:
+        """Sizes always (rank 0); CRC32s with verify_integrity (files split over ranks).
+        Every rank raises the same error."""
+        def damaged(problems: list[str]) -> CheckpointError:
             return CheckpointError(
                 f"checkpoint {storage.step_url(step)} is damaged: {'; '.join(problems[:5])}. "
                 f"Load another committed step with --checkpoint.load_step N "
-                f"(committed: {committed or 'none'}), or delete this one")
-
-        if commit.get("format") != FORMAT:
-            raise CheckpointError(f"{storage.step_url(step)}/COMMIT.json has format "
-                                  f"{commit.get('format')!r}; this raytitan reads {FORMAT!r}")
+                f"(committed: {others or 'none'}), or delete this one")
 
         def sizes() -> None:
+            if commit.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{storage.step_url(step)}/COMMIT.json has format {commit.get('format')!r}; "
+                    f"this raytitan reads {FORMAT!r}")
             if problems := storage.check_sizes(step, commit):
-                raise fail(problems)
+                raise damaged(problems)
 
         self._on_rank0(sizes)
         if not self.cfg.verify_integrity:
             return
         names = sorted(commit["files"])[self.rank::self.world_size]
-        problems = storage.check_crc(step, commit, names)
+        try:
+            problems = storage.check_crc(step, commit, names)
+        except Exception as e:
+            problems = [f"reading on rank {self.rank} failed: {type(e).__name__}: {e}"]
         gathered: list[list[str]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(gathered, problems, group=self.ctrl)
         problems = [p for rank_problems in gathered for p in rank_problems]
         if problems:
-            if self.rank == 0:
-                raise fail(problems)
-            raise CheckpointError(f"checkpoint {storage.step_url(step)} is damaged: "
-                                  f"{'; '.join(problems[:5])}")
+            raise damaged(problems)
         logger.info("checkpoint: verified CRC32 of %d files of %s", len(commit["files"]),
                     storage.step_url(step))
 
     def _load(self, storage: CheckpointStorage, step: int, commit: dict,
-              model_only: bool) -> LoadResult:
+              model_only: bool, others: list[int]) -> LoadResult:
         cfg = self.cfg
         start = time.perf_counter()
-        self._verify(storage, step, commit)
+        self._verify(storage, step, commit, others)
         url = storage.step_url(step)
         reader = step_reader(url, storage.options)
-        stored = set(reader.read_metadata().state_dict_metadata)
+        stored: set[str] = self._on_rank0(
+            lambda: set(step_reader(url, storage.options).read_metadata().state_dict_metadata))
         stored_groups = {key.split(".", 1)[0] for key in stored}
 
         groups = ["model"] if model_only else ["model", "optimizer", *self.states]
@@ -499,17 +550,21 @@ class CheckpointManager:
                 request[group] = self._request_for(group)
         want_rng = not model_only and cfg.load_rng and "rng" not in cfg.exclude_from_loading
         rank_key = f"rank{self.rank}"
-        if want_rng and any(k.startswith(f"rng.{rank_key}.") for k in stored):
-            request["rng"] = {rank_key: rng_state()}
+        # Only the generators this checkpoint has (a CPU run has no CUDA state).
+        rng = {k: v for k, v in rng_state().items() if f"rng.{rank_key}.{k}" in stored}
+        if want_rng and rng:
+            request["rng"] = {rank_key: rng}
         elif want_rng and "rng" in stored_groups:
             logger.warning("checkpoint: %s has no RNG state for rank %d (saved with world "
                            "size %s); this rank keeps its own", url, self.rank,
                            commit.get("world_size"))
 
         unexpected, missing = self._check_keys(request, stored, url)
-        for key in unexpected:  # not loaded: stays as this run initialized it
+        skipped = {}  # not in the checkpoint: these keep the value this run initialized
+        for key in unexpected:
             group, _, name = key.partition(".")
-            request[group].pop(name, None)
+            if group in request and name in request[group]:
+                skipped[key] = request[group].pop(name)
         try:
             dcp.load(request, storage_reader=reader, planner=DefaultLoadPlanner(),
                      process_group=self.pg)
@@ -517,6 +572,9 @@ class CheckpointManager:
             raise CheckpointError(
                 f"loading {url} failed (dist_ckpt_strictness = {cfg.dist_ckpt_strictness}): "
                 f"{_describe(e)}") from e
+        for key, value in skipped.items():
+            group, _, name = key.partition(".")
+            request[group][name] = value
         self._apply(request)
         seconds = time.perf_counter() - start
         logger.info("checkpoint: loaded %s of %s in %.2f s", sorted(request), url, seconds)

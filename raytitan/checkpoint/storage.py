@@ -45,8 +45,19 @@ def step_name(step: int) -> str:
     return f"step-{step}"
 
 
-def parse_storage_options(options: list[str]) -> dict[str, str]:
-    return dict(o.split("=", 1) for o in options)
+def parse_storage_options(options: list[str]) -> dict[str, object]:
+    """["key=value", ...] -> fsspec kwargs; true/false and integers are converted (s3fs
+    would read the string "false" as true)."""
+    out: dict[str, object] = {}
+    for option in options:
+        key, value = option.split("=", 1)
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        elif value.lstrip("-").isdigit():
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -116,17 +127,32 @@ class CheckpointStorage:
     def write_file(self, step: int, relpath: str, data: bytes) -> None:
         path = self.step_path(step, relpath)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(path, "wb") as f:
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        with open(path, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(os.path.dirname(path))
+
+    def step_exists(self, step: int) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return self.fs.exists(self.step_path(step))
 
     def write_commit(self, step: int, manifest: dict) -> None:
-        """Write COMMIT.json atomically: rename on local disk (after fsync), a single PUT
-        on object stores."""
+        """Write COMMIT.json atomically: on local disk, first make everything it lists and
+        the directory entries durable (DCP fsyncs its shards, not checksums.json or the
+        directories), then write a temp file, fsync, rename. On object stores: one PUT."""
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         path = self.step_path(step, COMMIT_FILE)
         if not self.is_local:
             self.fs.pipe_file(path, data)
             return
+        for name in (CHECKSUMS_FILE, ".metadata"):
+            _fsync_file(self.step_path(step, name))
+        _fsync_dir(self.step_path(step))
+        _fsync_dir(self.root)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -183,6 +209,11 @@ class CheckpointStorage:
             if crc != want:
                 problems.append(f"{name} has CRC32 {crc:08x}, the commit recorded {want:08x}")
         return problems
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:

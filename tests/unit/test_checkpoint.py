@@ -54,7 +54,7 @@ class Run:
         self.ckpt = CheckpointManager(
             self.cfg, storage=self.storage, model_parts=[self.model], optimizers=[self.opt],
             states={"train_state": self.train_state, "dataloader": self.dataloader},
-            files={"run_config.toml": b"x = 1\n"})
+            files=lambda: {"run_config.toml": b"x = 1\n"})
 
     def step(self) -> None:
         loss = self.model(torch.randn(4, 8)).square().mean()
@@ -218,6 +218,56 @@ def test_load_step_missing_lists_committed_steps(tmp_path):
     assert Run(tmp_path).ckpt.load().step == 3
 
 
+def test_newest_committed_step_beats_rays_older_report(tmp_path):
+    """Ray can lose the report of a step committed just before a crash."""
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    run.train_and_save(1)
+    assert Run(tmp_path).ckpt.load(reported_step=1).step == 2
+    assert Run(tmp_path).ckpt.load(reported_step=7).step == 2  # reported, but not in storage
+
+
+def test_going_back_to_an_older_step_starts_a_new_line(tmp_path):
+    """After load_step = 1 the new commits are the latest, whatever their step numbers."""
+    run = Run(tmp_path)
+    for _ in range(3):
+        run.train_and_save(1)  # steps 1, 2, 3
+    branch = Run(tmp_path, load_step=1, load_rng=False, seed=5)
+    branch.ckpt.load()
+    branch.train_and_save(1)  # a new step-2, committed after step-3
+    resumed = Run(tmp_path, seed=9)
+    assert resumed.ckpt.load().step == 2
+    assert same(resumed.weights(), branch.weights())
+    assert run.storage.committed_steps() == [1, 2, 3]  # the old step-3 is still there
+
+
+def test_only_model_only_exports_is_an_error_not_a_silent_restart(tmp_path):
+    run = Run(tmp_path, last_save_model_only=True, keep_latest_k=1)
+    run.train_and_save(1)
+    run.train_and_save(1, final=True)
+    assert run.storage.committed_steps() == [1, 2]  # retention keeps the newest full step
+    run.storage.remove_step(1)
+    with pytest.raises(CheckpointError, match=r"only model-only steps \[2\].*load_step"):
+        Run(tmp_path).ckpt.load()
+
+
+def test_seed_checkpoint_is_saved_in_float32_whatever_export_dtype(tmp_path):
+    run = Run(tmp_path, export_dtype="bfloat16", last_save_model_only=True)
+    run.ckpt.save(0, final=True, model_only=True)
+    commit = json.loads((tmp_path / "step-0" / COMMIT_FILE).read_text())
+    assert commit["dtype"] == "float32" and commit["keys"] == ["model"]
+    assert Run(tmp_path).ckpt.load().step == 0
+
+
+def test_storage_options_are_typed():
+    from raytitan.checkpoint.storage import parse_storage_options
+
+    assert parse_storage_options(["anon=false", "use_ssl=True", "max_concurrency=8",
+                                  "endpoint_url=http://h:1/x=y"]) == {
+        "anon": False, "use_ssl": True, "max_concurrency": 8,
+        "endpoint_url": "http://h:1/x=y"}
+
+
 def test_fresh_start_and_exit_on_missing_checkpoint(tmp_path):
     assert Run(tmp_path).ckpt.load() is None
     with pytest.raises(CheckpointError, match="exit_on_missing_checkpoint"):
@@ -352,6 +402,17 @@ def test_strictness_modes_that_load_what_matches(tmp_path, mode):
     assert result.unexpected == ["model.extra"]
     assert torch.equal(run.model.extra, torch.ones(3))
     assert torch.equal(run.model[0].weight, source.model[0].weight)
+
+
+def test_skipped_keys_keep_their_init_in_the_optimizer_too(tmp_path):
+    """A parameter the checkpoint lacks also lacks optimizer state: both keep their init."""
+    Run(tmp_path).train_and_save(1)
+    run = Run(tmp_path, model=_wider_model(), dist_ckpt_strictness="log_unexpected")
+    result = run.ckpt.load()
+    assert "model.extra" in result.unexpected
+    assert "optimizer.state.extra.exp_avg" in result.unexpected
+    assert torch.equal(run.model.extra, torch.ones(3))
+    run.step()  # the optimizer works on the mixed state
 
 
 def test_strictness_missing_keys_only_reported_by_all_modes(tmp_path):
