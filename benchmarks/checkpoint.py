@@ -13,9 +13,10 @@ FSDP2-sharded stack of Linear(d, d) layers plus its AdamW state (params + 2 fp32
      FileSystemReader (page cache evicted first; includes set_*_state_dict);
   4. raytitan CheckpointManager.save(step, final=True): synchronous save + commit;
   5. raytitan CheckpointManager.load() with the step's page cache evicted first;
-  6. raytitan async and async_with_pinned_mem: the stall (time inside save() plus
-     wait_for_staging() called right after it, so no overlap with a training step: an upper
-     bound) and the persist time (save() until poll(wait=True) has committed the step).
+  6. raytitan async and async_with_pinned_mem: the stall = time inside save() + time
+     inside wait_for_staging(), which runs after the next step's forward and backward
+     (--batch rows), as in the Trainer; and the persist time (save() until
+     poll(wait=True) has committed the step). Also the sync save without checksums.
 
 Each repeat runs every method back to back (this VM drifts a lot over minutes), and the
 raytitan-vs-DCP time ratios are medians of per-repeat (paired) ratios. Timings are barrier
@@ -245,18 +246,22 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
     # 4.-6. raytitan's CheckpointManager, one run folder per async_mode.
     def manager(mode: str) -> CheckpointManager:
         folder = f"{base}/raytitan-{mode}"
-        cfg = CheckpointConfig(enable=True, folder=folder, interval=1, async_mode=mode,
-                               save_checksums=True)
+        cfg = CheckpointConfig(enable=True, folder=folder, interval=1,
+                               async_mode=mode.removesuffix("-nocrc"),
+                               save_checksums=not mode.endswith("-nocrc"))
         return CheckpointManager(cfg, storage=CheckpointStorage(folder), model_parts=[model],
                                  optimizers=[opt], states={"train_state": Counter()})
 
-    modes = ("disabled", "async", "async_with_pinned_mem")
+    modes = ("disabled", "disabled-nocrc", "async", "async_with_pinned_mem")
+    batch = torch.randn(a.batch, d)
     managers = {mode: manager(mode) for mode in modes}
 
     def raytitan(mode: str, step: int) -> None:
         mgr = managers[mode]
         path = mgr.storage.step_path(step)
-        if mode == "disabled":
+        if mode == "disabled-nocrc":
+            add("raytitan save (sync, no checksums)", timed(lambda: mgr.save(step, final=True)))
+        elif mode == "disabled":
             add("raytitan save (sync)", timed(lambda: mgr.save(step, final=True)))
             on_rank0(lambda: evict(path))
             add("raytitan load", timed(mgr.load))
@@ -265,10 +270,14 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
             start = time.perf_counter()
             mgr.save(step)
             returned = time.perf_counter()
+            model(batch).square().mean().backward()  # the next step's forward + backward
+            waiting = time.perf_counter()
             mgr.wait_for_staging()
             staged = time.perf_counter()
+            opt.zero_grad(set_to_none=True)  # no optimizer step: the state stays the same
             mgr.poll(wait=True)
-            t = torch.tensor([staged - start, time.perf_counter() - start, returned - start],
+            stall = (returned - start) + (staged - waiting)
+            t = torch.tensor([stall, time.perf_counter() - start, returned - start],
                              dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank holds up training
             add(f"raytitan {mode}: stall", float(t[0]))
@@ -303,16 +312,20 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
         ("dcp.save", sizes["dcp.save"], "stock FileSystemWriter, default options"),
         ("dcp.load", sizes["dcp.load"], "FileSystemReader; incl. set_*_state_dict"),
         ("raytitan save (sync)", sizes["disabled"], "save(final=True): DCP + CRC32 + commit"),
+        ("raytitan save (sync, no checksums)", sizes["disabled-nocrc"],
+         "save_checksums = false"),
         ("raytitan load", sizes["disabled"], "load(): choose, check sizes, DCP, apply"),
-        *[row for mode in modes[1:] for row in [
+        *[row for mode in modes[2:] for row in [
             (f"raytitan {mode}: stall", None,
              f"**{med(f'raytitan {mode}: stall') / med('raytitan save (sync)'):.1%} of sync "
              f"save**; in save() {med(f'in save() {mode}', extra):.2f} s, the rest in "
-             "wait_for_staging()"),
+             f"wait_for_staging() after a forward + backward of {a.batch} rows"),
             (f"raytitan {mode}: persist", sizes[mode], "save() until committed")]]]:
         rows[name] = {"median_s": med(name), "repeats_s": times[name], "bytes": nbytes,
                       "gbps": nbytes / GB / med(name) if nbytes else None, "notes": notes}
-    for ours, theirs in (("raytitan save (sync)", "dcp.save"), ("raytitan load", "dcp.load")):
+    for ours, theirs in (("raytitan save (sync)", "dcp.save"),
+                         ("raytitan save (sync, no checksums)", "dcp.save"),
+                         ("raytitan load", "dcp.load")):
         rows[ours]["paired_ratio_vs_" + theirs] = statistics.median(
             x / y for x, y in zip(times[ours], times[theirs]))
     return rows, state_bytes, layers
@@ -335,6 +348,9 @@ def report(a, rows: dict[str, dict], state_bytes: int, layers: int, machine_line
            for m in ("async", "async_with_pinned_mem")},
         "save no slower than dcp.save (time ratio, paired)":
             (sync["paired_ratio_vs_dcp.save"], 1.0, False, "{:.2f}x"),
+        "save without checksums no slower than dcp.save (time ratio, paired)":
+            (rows["raytitan save (sync, no checksums)"]["paired_ratio_vs_dcp.save"], 1.0, False,
+             "{:.2f}x"),
         "load no slower than dcp.load (time ratio, paired)":
             (load["paired_ratio_vs_dcp.load"], 1.0, False, "{:.2f}x"),
     }
@@ -369,7 +385,8 @@ def report(a, rows: dict[str, dict], state_bytes: int, layers: int, machine_line
             "## Checkpoint save and load (`benchmarks/checkpoint.py`)", "",
             f"Machine: {machine_line}. {size} GB/s = bytes on disk / time (GB = 1e9 B); "
             "every write is fsync'd, every read starts from an evicted page cache, and old "
-            "checkpoints are deleted before each save.", "",
+            "checkpoints are deleted before each save. Each repeat runs all methods back to "
+            "back; the time ratios are medians of per-repeat (paired) ratios.", "",
             *table, "", *goal_lines, "", f"Command: `{command}`", ""]), "checkpoint")
 
 
@@ -378,6 +395,8 @@ if __name__ == "__main__":
     p.add_argument("--size-gb", type=float, default=1.0, help="params + AdamW moments, fp32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dim", type=int, default=4096, help="width of the Linear layers")
+    p.add_argument("--batch", type=int, default=64,
+                   help="rows of the forward + backward that async staging overlaps")
     p.add_argument("--dir", default="/tmp/raytitan-bench",
                    help="target folder; a fresh ckpt-* folder in it is used, then removed")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -172,17 +172,22 @@ class CheckpointManager:
         self.pg = dist.new_group(backend="gloo")
         self.ctrl = dist.new_group(backend="gloo")
         self._pending: _PendingSave | None = None
+        # Staging buffers are allocated at the first save and reused by every later one
+        # (safe: a save first waits for the previous persist to finish reading them).
         self._stager = None
-        if cfg.async_mode == "async_with_pinned_mem":
+        if cfg.async_mode != "disabled":
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             gpu = torch.cuda.is_available()
-            if not gpu:
+            pinned = cfg.async_mode == "async_with_pinned_mem"
+            if pinned and not gpu:
                 logger.info("checkpoint: no GPU, so async_with_pinned_mem stages into reused "
                             "shared (not pinned) CPU memory")
+            # async: a copy in the training thread; async_with_pinned_mem: in a background
+            # thread (overlapping forward/backward) into memory the persist process shares.
             self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=gpu, use_shared_memory=True, use_async_staging=True,
-                use_non_blocking_copy=gpu))
+                use_pinned_memory=gpu, use_shared_memory=pinned, use_async_staging=pinned,
+                use_non_blocking_copy=gpu and pinned))
         self.last_stall_sec = 0.0
         self.last_save_sec = 0.0
 
@@ -234,9 +239,10 @@ class CheckpointManager:
             self._commit(step, model_only, dtype, self.last_save_sec)
             return
         if self.cfg.async_mode == "async":
-            # Stages a copy of the state in this thread, then writes it in a thread.
+            # Copies the state in this thread, then writes the copy in a thread.
             future = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
-                                    async_checkpointer_type=AsyncCheckpointerType.THREAD)
+                                    async_checkpointer_type=AsyncCheckpointerType.THREAD,
+                                    async_stager=self._stager)
             staging = None
         else:
             # Stages into reused buffers in a thread; a separate process writes.
