@@ -18,8 +18,9 @@ FSDP2-sharded stack of Linear(d, d) layers plus its AdamW state (params + 2 fp32
      (--batch rows), as in the Trainer; and the persist time (save() until
      poll(wait=True) has committed the step). Also the sync save without checksums.
 
-Each repeat runs every method back to back (this VM drifts a lot over minutes), and the
-raytitan-vs-DCP time ratios are medians of per-repeat (paired) ratios. Timings are barrier
+Each repeat runs every method back to back (this VM drifts a lot over minutes), the DCP and
+raytitan methods in alternating order, and the raytitan-vs-DCP time ratios are medians of
+per-repeat (paired) ratios. Timings are barrier
 to barrier (the slowest rank counts); checkpoints are deleted after each measurement.
 GB/s = bytes on disk (sum of the files written; GB = 1e9 B) / seconds.
 Prints a markdown table (on stderr with --json, which prints one JSON object on stdout);
@@ -284,6 +285,7 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
             add(f"raytitan {mode}: persist", float(t[1]))
             add(f"in save() {mode}", float(t[2]), extra)
         sizes[mode] = du(path)
+        dist.barrier()  # every rank has measured before rank 0 deletes
         on_rank0(lambda: mgr.storage.remove_step(step))
 
     raw(2, record=False)  # warm-up
@@ -291,9 +293,11 @@ def measure(a: argparse.Namespace, base: str) -> tuple[dict, int, int]:
         raw(2)
         raw(1)
         torch_save()
-        stock_dcp()
-        for mode in modes:
-            raytitan(mode, rep + 1)
+        # Alternate which goes first: on this VM a save right after a 1 GB load or delete
+        # runs slower (fresh memory, page cache), which would bias a fixed order.
+        order = [stock_dcp, *[lambda m=m, r=rep: raytitan(m, r + 1) for m in modes]]
+        for method in (order if rep % 2 == 0 else order[::-1]):
+            method()
         log(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()))
     for mgr in managers.values():
         mgr.close()
