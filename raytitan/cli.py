@@ -1,4 +1,4 @@
-"""`raytitan` command line: train | prepare."""
+"""`raytitan` command line: train | prepare | ckpt."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ USAGE = """raytitan <command> [options]
 commands:
   train    --config FILE [--dry-run] [--section.key value ...]   train on Ray
   prepare  --input PATH --output DIR [--tokenizer PATH]          tokenize a corpus
+  ckpt     ls FOLDER | show STEP_DIR | verify STEP_DIR             inspect checkpoints
 """
 
 
@@ -86,11 +87,34 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
+def _ckpt(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="raytitan ckpt", description="Inspect checkpoints (local or s3://).")
+    parser.add_argument("action", choices=["ls", "show", "verify"],
+                        help="ls: the steps of a run folder (<checkpoint.folder>/<job.name>); "
+                             "show: one step's contents; verify: sizes and CRC32s")
+    parser.add_argument("path", help="run folder (ls) or step directory (show, verify)")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for the filesystem, e.g. endpoint_url=...")
+    args = parser.parse_args(argv)
+    from raytitan.checkpoint import inspect
+
+    if args.action == "ls":
+        print(inspect.ls(args.path, args.storage_option))
+    elif args.action == "show":
+        print(inspect.show(args.path, args.storage_option))
+    else:
+        ok, message = inspect.verify(args.path, args.storage_option)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     init_logging(rank=0)
     logging.getLogger("raytitan").setLevel(logging.INFO)
-    commands = {"train": _train, "prepare": _prepare}
+    commands = {"train": _train, "prepare": _prepare, "ckpt": _ckpt}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)

@@ -58,7 +58,14 @@ def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path):
     config = fs.cat_file(f"{run_dir}/step-10/run_config.toml").decode()
     assert endpoint not in config and "endpoint_url=<redacted>" in config
 
+    from raytitan.checkpoint import inspect
+
+    assert "committed *" in inspect.ls(run_dir, [])
+    assert "train_state: {'step': 10, " in inspect.show(f"{run_dir}/step-10", [])
+    assert inspect.verify(f"{run_dir}/step-10", [])[0]
+
     fs.rm_file(f"{run_dir}/step-20/COMMIT.json")  # as if the run stopped after step 10
+    assert not inspect.verify(f"{run_dir}/step-20", [])[0]
     resumed = run_torchrun(2, base, tmp_path / "full")
     assert resumed == full
 

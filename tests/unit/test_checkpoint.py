@@ -443,3 +443,45 @@ def test_storage_rejects_step_dirs_it_does_not_own(tmp_path):
     run = Run(tmp_path)
     run.train_and_save(1)
     assert [s.step for s in run.storage.list_steps()] == [1]
+
+
+# -- raytitan ckpt ------------------------------------------------------------------------
+
+
+def ckpt_cli(*args: str) -> int:
+    from raytitan.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ckpt", *args])
+    return e.value.code
+
+
+def test_ckpt_ls_show_verify(tmp_path, capsys):
+    run = Run(tmp_path)
+    run.train_and_save(1)
+    run.train_and_save(1)
+    (tmp_path / "step-9").mkdir()
+    (tmp_path / "step-9" / "__0_0.distcp").write_bytes(b"partial")
+
+    assert ckpt_cli("ls", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "UNCOMMITTED" in out and "committed *" in out and "(step 2)" in out
+
+    assert ckpt_cli("show", str(tmp_path / "step-2")) == 0
+    out = capsys.readouterr().out
+    assert "train_state: {'value': 2}" in out and "dataloader: {'value': 16}" in out
+    assert "model.0.weight  [16, 8]  float32" in out
+
+    assert ckpt_cli("verify", str(tmp_path / "step-2")) == 0
+    assert "OK" in capsys.readouterr().out
+    shard = tmp_path / "step-2" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt_cli("verify", str(tmp_path / "step-2")) == 1
+    err = capsys.readouterr().err
+    assert "DAMAGED" in err and "__0_0.distcp has CRC32" in err
+    assert ckpt_cli("verify", str(tmp_path / "step-9")) == 1
+    assert "not a committed step" in capsys.readouterr().err
+    assert ckpt_cli("show", str(tmp_path)) == 2  # not a step directory
+    assert "is not a step directory" in capsys.readouterr().err
