@@ -182,11 +182,10 @@ class Trainer:
                 on_commit=self._on_commit,
                 retention=not external_retention,
             )
-        self.loaded = None
         if self.checkpointer is not None and not ckpt.create_seed_checkpoint:
             reported = (int(reported_checkpoint.rsplit("-", 1)[1])
                         if reported_checkpoint else None)
-            self.loaded = self.checkpointer.load(reported_step=reported)
+            self.checkpointer.load(reported_step=reported)  # sets step, stream position, ...
             self.stream.start()
         self.metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, cfg.job.name,
                                      enabled=self.rank == 0, resume_step=self.step)

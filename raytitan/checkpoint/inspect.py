@@ -10,6 +10,7 @@ from raytitan.checkpoint.storage import (
     COMMIT_FILE,
     FORMAT,
     CheckpointStorage,
+    latest_full,
     parse_storage_options,
     step_reader,
 )
@@ -30,8 +31,7 @@ def ls(folder: str, options: list[str]) -> str:
     steps = storage.list_steps()
     if not steps:
         return f"{folder}: no step directories"
-    full = [s for s in steps if s.committed and not s.commit.get("model_only")]
-    latest = max(full, key=lambda s: (s.commit.get("sequence", 0), s.step), default=None)
+    latest = latest_full(steps)
     lines = [f"{'step':>8}  {'state':<11} {'size MB':>9}  {'world':>5}  {'mesh':<24} "
              f"{'content':<18} time"]
     for info in steps:

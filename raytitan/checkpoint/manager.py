@@ -47,8 +47,11 @@ from raytitan.checkpoint.storage import (
     FORMAT,
     CheckpointError,
     CheckpointStorage,
+    StepInfo,
     StepWriter,
     crc32,
+    in_commit_order,
+    latest_full,
     parse_storage_options,
     step_name,
     step_reader,
@@ -91,12 +94,6 @@ class _PendingSave:
     dtype: str
     started: float
     stall: float
-
-
-def _commit_order(info) -> tuple[int, int]:
-    """Commits in the order they were made (a run resumed from an older step makes newer
-    commits with smaller step numbers)."""
-    return info.commit.get("sequence", 0), info.step
 
 
 def _describe(error: BaseException) -> str:
@@ -316,7 +313,7 @@ class CheckpointManager:
             self.storage.remove_step(step)
 
     def _state_for_save(self, model_only: bool, dtype_name: str) -> dict[str, Any]:
-        model = self._model_state()
+        model = self._merged_state("model")
         if dtype_name != "float32":
             dtype = getattr(torch, dtype_name)
             model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
@@ -324,7 +321,7 @@ class CheckpointManager:
         if model_only:
             return state
         if self.cfg.save_optim:
-            state["optimizer"] = self._optimizer_state()
+            state["optimizer"] = self._merged_state("optimizer")
         for key, obj in self.states.items():
             state[key] = obj.state_dict()
         if self.cfg.save_rng:
@@ -349,9 +346,11 @@ class CheckpointManager:
             keys = ["model"] if model_only else ["model", *(["optimizer"] if self.cfg.save_optim
                                                             else []), *self.states,
                                                  *(["rng"] if self.cfg.save_rng else [])]
-            sequence = 1 + max((s.commit.get("sequence", 0) for s in storage.list_steps()
-                                if s.committed), default=0)
-            storage.write_commit(step, {
+            # This step is listed too, still uncommitted: it takes its place once committed.
+            steps = [s for s in storage.list_steps() if s.step != step]
+            committed = in_commit_order(steps)
+            sequence = 1 + (committed[-1].commit.get("sequence", 0) if committed else 0)
+            manifest = {
                 "format": FORMAT,
                 "step": step,
                 "sequence": sequence,
@@ -362,8 +361,9 @@ class CheckpointManager:
                 "world_size": self.world_size,
                 **self.run_info,
                 "files": files,
-            })
-            self._clean(retain=True)
+            }
+            storage.write_commit(step, manifest)
+            self._clean([*steps, StepInfo(step, True, manifest)], retain=True)
             return sum(entry["size"] for entry in files.values())
 
         total = self._on_rank0(commit)
@@ -375,11 +375,10 @@ class CheckpointManager:
             # metrics only, so its retention and get_checkpoint() see full-state steps alone.
             self.on_commit(step, None if model_only else step_name(step))
 
-    def _clean(self, *, retain: bool) -> None:
-        """Rank 0, with no save in flight: delete uncommitted leftovers, and (`retain`) the
-        oldest commits beyond keep_latest_k, never the newest one nor the newest full-state
-        one (a model-only export cannot be resumed from)."""
-        steps = self.storage.list_steps()
+    def _clean(self, steps: list[StepInfo], *, retain: bool) -> None:
+        """Rank 0, with no save in flight, given the folder's `steps`: delete uncommitted
+        leftovers, and (`retain`) the oldest commits beyond keep_latest_k, never the newest
+        one nor the newest full-state one (a model-only export cannot be resumed from)."""
         for info in steps:
             if not info.committed:
                 logger.info("checkpoint: removing uncommitted %s (an interrupted save)",
@@ -388,11 +387,9 @@ class CheckpointManager:
         k = self.cfg.keep_latest_k
         if not (retain and self.retention and k > 0):
             return
-        committed = sorted((s for s in steps if s.committed), key=_commit_order)
-        full = [s for s in committed if not s.commit.get("model_only")]
-        protected = {full[-1].step} if full else set()
-        for info in committed[:-k]:
-            if info.step not in protected:
+        newest_full = latest_full(steps)
+        for info in in_commit_order(steps)[:-k]:
+            if newest_full is None or info.step != newest_full.step:
                 logger.info("checkpoint: removing %s (keep_latest_k = %d)",
                             step_name(info.step), k)
                 self.storage.remove_step(info.step)
@@ -404,17 +401,16 @@ class CheckpointManager:
 
     # -- state dicts --------------------------------------------------------------------
 
-    def _model_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        for part in self.model_parts:
-            state.update(get_model_state_dict(part))
-        return state
+    def _part_states(self, group: str) -> list[dict[str, Any]]:
+        """The model or optimizer state of each model part, keyed by FQN (parts never
+        share a key, so the merged dict is the whole group)."""
+        if group == "model":
+            return [get_model_state_dict(part) for part in self.model_parts]
+        return [get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS)
+                for part, optimizer in zip(self.model_parts, self.optimizers, strict=True)]
 
-    def _optimizer_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
-            state.update(get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS))
-        return state
+    def _merged_state(self, group: str) -> dict[str, Any]:
+        return {k: v for part in self._part_states(group) for k, v in part.items()}
 
     # -- loading ------------------------------------------------------------------------
 
@@ -436,11 +432,10 @@ class CheckpointManager:
 
     def _choose(self, reported_step: int | None):
         cfg = self.cfg
-        if not cfg.load_only:
-            self._clean(retain=False)
         steps = self.storage.list_steps()
+        if not cfg.load_only:
+            self._clean(steps, retain=False)
         committed = {s.step: s.commit for s in steps if s.committed}
-        ordered = [s.step for s in sorted((s for s in steps if s.committed), key=_commit_order)]
         where = self.storage.url
         step = None
         if cfg.load_step >= 0 and reported_step is not None:
@@ -454,9 +449,8 @@ class CheckpointManager:
                     f"{step_name(cfg.load_step)}; committed steps: {sorted(committed) or 'none'}")
             step = cfg.load_step
         if step is None and committed:
-            full = [s for s in ordered if not committed[s].get("model_only")]
-            if full:
-                step = full[-1]
+            if newest := latest_full(steps):
+                step = newest.step
             elif 0 in committed:
                 step = 0  # a seed checkpoint
             else:
@@ -493,7 +487,7 @@ class CheckpointManager:
         if cfg.exit_on_missing_checkpoint:
             raise CheckpointError(
                 f"no committed checkpoint in {where} and no initial_load_path, and "
-                "checkpoint.exit_on_missing_checkpoint = true; uncommitted step dirs: "
+                "checkpoint.exit_on_missing_checkpoint = true; interrupted saves found: "
                 f"{[step_name(s.step) for s in steps if not s.committed] or 'none'}")
         logger.info("checkpoint: no checkpoint in %s; starting from scratch", where)
         return None, None, None, None, []
@@ -547,13 +541,18 @@ class CheckpointManager:
         if not cfg.load_optim and "optimizer" in groups:
             groups.remove("optimizer")
         request: dict[str, Any] = {}
+        part_keys: dict[str, list[list[str]]] = {}  # model/optimizer: each part's keys
         for group in groups:
             if group in cfg.exclude_from_loading:
                 logger.info("checkpoint: not loading %s (exclude_from_loading)", group)
             elif group not in stored_groups:
                 logger.info("checkpoint: %s has no %s; not loaded", url, group)
+            elif group in ("model", "optimizer"):
+                parts = self._part_states(group)
+                part_keys[group] = [list(part) for part in parts]
+                request[group] = {k: v for part in parts for k, v in part.items()}
             else:
-                request[group] = self._request_for(group)
+                request[group] = dict(self.states[group].state_dict())
         want_rng = not model_only and cfg.load_rng and "rng" not in cfg.exclude_from_loading
         rank_key = f"rank{self.rank}"
         # Only the generators this checkpoint has (a CPU run has no CUDA state).
@@ -581,17 +580,10 @@ class CheckpointManager:
         for key, value in skipped.items():
             group, _, name = key.partition(".")
             request[group][name] = value
-        self._apply(request)
+        self._apply(request, part_keys)
         seconds = time.perf_counter() - start
         logger.info("checkpoint: loaded %s of %s in %.2f s", sorted(request), url, seconds)
         return LoadResult(step, url, sorted(request), unexpected, missing)
-
-    def _request_for(self, group: str) -> dict[str, Any]:
-        if group == "model":
-            return self._model_state()
-        if group == "optimizer":
-            return self._optimizer_state()
-        return dict(self.states[group].state_dict())
 
     def _check_keys(self, request: dict[str, Any], stored: set[str],
                     url: str) -> tuple[list[str], list[str]]:
@@ -627,19 +619,16 @@ class CheckpointManager:
             missing = []
         return unexpected, missing
 
-    def _apply(self, loaded: dict[str, Any]) -> None:
-        if "model" in loaded:
-            for part in self.model_parts:
-                names = get_model_state_dict(part).keys()
-                set_model_state_dict(part, {k: loaded["model"][k] for k in names
-                                            if k in loaded["model"]},
-                                     options=StateDictOptions(strict=False))
-        if "optimizer" in loaded:
-            for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
-                names = get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS).keys()
-                set_optimizer_state_dict(part, optimizer,
-                                         {k: loaded["optimizer"][k] for k in names},
-                                         options=_OPTIM_OPTIONS)
+    def _apply(self, loaded: dict[str, Any], part_keys: dict[str, list[list[str]]]) -> None:
+        """Hand the loaded values to their owners (model parts by their own keys)."""
+        for part, names in zip(self.model_parts, part_keys.get("model", []), strict=False):
+            set_model_state_dict(part, {k: loaded["model"][k] for k in names},
+                                 options=StateDictOptions(strict=False))
+        for part, optimizer, names in zip(self.model_parts, self.optimizers,
+                                          part_keys.get("optimizer", []), strict=False):
+            set_optimizer_state_dict(part, optimizer,
+                                     {k: loaded["optimizer"][k] for k in names},
+                                     options=_OPTIM_OPTIONS)
         for key, obj in self.states.items():
             if key in loaded:
                 obj.load_state_dict(loaded[key])

@@ -67,6 +67,24 @@ class StepInfo:
     commit: dict | None
 
 
+def in_commit_order(steps: list[StepInfo]) -> list[StepInfo]:
+    """The committed steps in the order they were committed (a run resumed from an older
+    step makes newer commits with smaller step numbers)."""
+    return sorted((s for s in steps if s.committed),
+                  key=lambda s: (s.commit.get("sequence", 0), s.step))
+
+
+def latest_full(steps: list[StepInfo]) -> StepInfo | None:
+    """The most recently committed full-state step (model-only exports cannot be resumed)."""
+    full = [s for s in in_commit_order(steps) if not s.commit.get("model_only")]
+    return full[-1] if full else None
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 class CheckpointStorage:
     """The folder of one run's step directories, on the filesystem its URL names."""
 
@@ -74,8 +92,7 @@ class CheckpointStorage:
         self.url = url.rstrip("/")
         self.options = storage_options or {}
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self.is_local = "file" in protocols or "local" in protocols
+        self.is_local = _is_local(self.fs)
 
     def __repr__(self) -> str:
         return f"CheckpointStorage({self.url!r})"
@@ -280,11 +297,10 @@ class StepWriter(FsspecWriter):
     def __init__(self, url: str, *, storage_options: dict[str, str], checksums: bool,
                  thread_count: int = 1) -> None:
         fs, _ = fsspec.core.url_to_fs(url, **storage_options)
-        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-        local = "file" in protocols or "local" in protocols
         # NOTE: fsync only means something on local disk; on object stores DCP would fall
         # back to os.sync() of the whole host.
-        super().__init__(url, sync_files=local, thread_count=thread_count, **storage_options)
+        super().__init__(url, sync_files=_is_local(fs), thread_count=thread_count,
+                         **storage_options)
         self.fs = _CountingFileSystem(self.fs.fs, checksums)
 
     def write_data(self, plan, planner):
