@@ -26,6 +26,7 @@ import fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 COMMIT_FILE = "COMMIT.json"
 CHECKSUMS_FILE = "checksums.json"
@@ -296,19 +297,16 @@ class StepWriter(FsspecWriter):
 
     def __init__(self, url: str, *, storage_options: dict[str, str], checksums: bool,
                  thread_count: int = 1) -> None:
-        fs, _ = fsspec.core.url_to_fs(url, **storage_options)
+        super().__init__(url, thread_count=thread_count, **storage_options)
         # NOTE: fsync only means something on local disk; on object stores DCP would fall
         # back to os.sync() of the whole host.
-        super().__init__(url, sync_files=_is_local(fs), thread_count=thread_count,
-                         **storage_options)
+        self.sync_files = _is_local(self.fs.fs)
         self.fs = _CountingFileSystem(self.fs.fs, checksums)
 
     def write_data(self, plan, planner):
         results = super().write_data(plan, planner).wait()
         carrier = WriteResult(index=MetadataIndex(_CHECKSUM_FQN), size_in_bytes=0,
                               storage_data=dict(self.fs.written))
-        from torch.futures import Future
-
         fut: Future = Future()
         fut.set_result([*results, carrier])
         return fut
