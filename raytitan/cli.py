@@ -1,4 +1,4 @@
-"""`raytitan` command line: train | prepare | ckpt."""
+"""`raytitan` command line: train | prepare | ckpt | convert."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from raytitan.checkpoint.storage import CheckpointError
 from raytitan.config import ConfigError, load_job_config
 from raytitan.config.manager import help_text
 from raytitan.metrics import init_logging
@@ -16,6 +17,7 @@ commands:
   train    --config FILE [--dry-run] [--section.key value ...]   train on Ray
   prepare  --input PATH --output DIR [--tokenizer PATH]          tokenize a corpus
   ckpt     ls FOLDER | show STEP_DIR | verify STEP_DIR             inspect checkpoints
+  convert  to-hf STEP_DIR OUT | from-hf HF_DIR OUT --flavor F | to-torch STEP_DIR OUT.pt
 """
 
 
@@ -110,17 +112,105 @@ def _ckpt(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="raytitan convert",
+        description="Convert checkpoints: a committed step to a Hugging Face folder or one "
+                    "torch file, or an HF folder to a model-only step (an initial_load_path).")
+    sub = parser.add_subparsers(dest="action", required=True)
+    to_hf = sub.add_parser("to-hf", help="step directory -> HF LlamaForCausalLM folder")
+    to_hf.add_argument("step_dir", help="a committed step directory (local or s3://)")
+    to_hf.add_argument("out", help="output folder (local or s3://; remote: written locally, "
+                                   "then uploaded)")
+    to_hf.add_argument("--flavor", default=None,
+                       help="model flavor (default: the one the step records)")
+    to_hf.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the weights (default: as stored)")
+    to_hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                       help="largest safetensors file, in GB (default 5, as transformers)")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="tokenizer.json or a folder of tokenizer files (default: the "
+                            "step's tokenizer/ assets)")
+    from_hf = sub.add_parser("from-hf", help="HF folder -> model-only step directory")
+    from_hf.add_argument("hf_dir", help="a local HF model folder (config.json + safetensors)")
+    from_hf.add_argument("out", help="step directory <folder>/step-<N> to create, or a "
+                                     "folder (then <folder>/step-0)")
+    from_hf.add_argument("--flavor", required=True, help="the raytitan flavor it is")
+    from_hf.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                         help="dtype to store (default: as in the HF files)")
+    to_torch = sub.add_parser("to-torch", help="step directory -> one torch.save file")
+    to_torch.add_argument("step_dir", help="a step directory (local or s3://)")
+    to_torch.add_argument("out", help="output .pt file (local or s3://)")
+    to_torch.add_argument("--full", action="store_true",
+                          help="everything (optimizer, train state, ...) nested by key, as "
+                               "dcp_to_torch writes; default: the model only, flat")
+    to_torch.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                          help="dtype of the model's tensors (default: as stored)")
+    for p in (to_hf, from_hf, to_torch):
+        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec option for remote folders, e.g. endpoint_url=...")
+    args = parser.parse_args(argv)
+
+    from raytitan.checkpoint import hf
+    from raytitan.checkpoint.storage import parse_storage_options
+
+    options = parse_storage_options(args.storage_option)
+    if args.action == "to-hf":
+        export = hf.HFExport.plan(args.step_dir, args.out, options=options, flavor=args.flavor,
+                                  dtype=args.dtype,
+                                  max_shard_bytes=int(args.max_shard_size * 1e9))
+        tokenizer = (_read_tokenizer(args.tokenizer) if args.tokenizer
+                     else hf.step_tokenizer_files(args.step_dir, options))
+        if "tokenizer.json" not in tokenizer:
+            logging.getLogger("raytitan").warning(
+                "no tokenizer.json in %s/tokenizer or --tokenizer: exporting the model only",
+                args.step_dir)
+        written = export.run(tokenizer)
+        total = sum(entry["size"] for entry in written.values())
+        print(f"wrote {args.out}: {len(written)} files, {total / 1e6:.1f} MB, "
+              f"{len(export.files)} safetensors file(s), {hf._dtype_name(export.dtype)}")
+    elif args.action == "from-hf":
+        step_url, manifest = hf.import_hf(args.hf_dir, args.out, flavor=args.flavor,
+                                          options=options, dtype=args.dtype)
+        total = sum(entry["size"] for entry in manifest["files"].values())
+        print(f"wrote {step_url}: model only, {manifest['dtype']}, {total / 1e6:.1f} MB\n"
+              f"start a run from it with --checkpoint.initial_load_path {step_url}")
+    else:
+        entry = hf.step_to_torch(args.step_dir, args.out, options=options,
+                                 model_only=not args.full, dtype=args.dtype)
+        print(f"wrote {args.out}: {entry['size'] / 1e6:.1f} MB "
+              f"({'everything' if args.full else 'model only'})")
+    return 0
+
+
+def _read_tokenizer(path: str) -> dict[str, bytes]:
+    import os
+
+    from raytitan.checkpoint.manager import TOKENIZER_FILES
+
+    if os.path.isdir(path):
+        files = {name: os.path.join(path, name) for name in TOKENIZER_FILES
+                 if os.path.isfile(os.path.join(path, name))}
+    else:
+        files = {"tokenizer.json": path}
+    out = {}
+    for name, file in files.items():
+        with open(file, "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     init_logging(rank=0)
     logging.getLogger("raytitan").setLevel(logging.INFO)
-    commands = {"train": _train, "prepare": _prepare, "ckpt": _ckpt}
+    commands = {"train": _train, "prepare": _prepare, "ckpt": _ckpt, "convert": _convert}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     try:
         sys.exit(commands[argv[0]](argv[1:]))
-    except (ConfigError, ValueError, OSError, KeyError) as e:
+    except (ConfigError, ValueError, OSError, KeyError, CheckpointError) as e:
         print(f"raytitan {argv[0]}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -78,6 +78,10 @@ def build_plan(cfg: JobConfig, world_size: int, vocab_size: int | None = None) -
             f"with FSDP/HSDP only; got tensor_parallel_degree={dims.tp}, "
             f"pipeline_parallel_degree={dims.pp} (use 1 for both)"
         )
+    ckpt = cfg.checkpoint
+    if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or cfg.model.hf_assets_path):
+        raise ConfigError("checkpoint.initial_load_in_hf = true needs a Hugging Face folder: "
+                          "set model.hf_assets_path (or checkpoint.initial_load_path)")
     microbatches = 1
     if dims.pp > 1:
         num_stages = dims.pp * STAGES_PER_RANK[par.pipeline_parallel_schedule]

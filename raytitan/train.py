@@ -7,6 +7,7 @@ reader (Ray Data) and a report callback; under torchrun it reads shards with pya
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from raytitan.config import ConfigError, JobConfig, load_job_config, redacted, t
 from raytitan.data import resolve_dataset
 from raytitan.data.prepare import Manifest, prepare_local
 from raytitan.data.stream import ReadShards, TokenStream, read_shards_local
+from raytitan.data.tokenizer import tokenizer_hash
 from raytitan.metrics import MetricsLogger, init_logging, memory_gib, peak_flops
 from raytitan.models.llama3 import Llama3
 from raytitan.models.llama3.parallelize import parallelize_llama3
@@ -74,6 +76,18 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.steps = int(state["steps"])
+
+
+def _check_hf_tokenizer(folder: str, manifest: Manifest) -> None:
+    """Warn when the corpus was tokenized with another tokenizer than the HF model's."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        if tokenizer_hash(f.read()) != manifest.tokenizer_sha256:
+            logger.warning("the dataset %s was tokenized with another tokenizer than %s: "
+                           "the pretrained embeddings will not fit it (prepare it with "
+                           "`raytitan prepare --tokenizer %s`)", manifest.root, path, folder)
 
 
 def init_distributed() -> torch.device:
@@ -170,6 +184,10 @@ class Trainer:
         self._last_metrics: dict = {}
         self.checkpointer = None
         if self.storage is not None:
+            if ckpt.initial_load_in_hf:
+                ckpt = dataclasses.replace(
+                    ckpt, initial_load_path=ckpt.initial_load_path or cfg.model.hf_assets_path)
+                _check_hf_tokenizer(ckpt.initial_load_path, manifest)
             self.checkpointer = CheckpointManager(
                 ckpt,
                 storage=self.storage,
@@ -177,7 +195,8 @@ class Trainer:
                 optimizers=self.optimizers,
                 states={"lr_scheduler": self.lr_schedule, "train_state": self,
                         "dataloader": self.stream},
-                run_info={"mesh": dims.mesh_shape(), "job": cfg.job.name},
+                run_info={"mesh": dims.mesh_shape(), "job": cfg.job.name,
+                          "flavor": cfg.model.flavor},
                 files=lambda: self._checkpoint_files(manifest),
                 on_commit=self._on_commit,
                 retention=not external_retention,

@@ -12,16 +12,9 @@ from raytitan.checkpoint.storage import (
     CheckpointStorage,
     latest_full,
     parse_storage_options,
+    split_step_dir,
     step_reader,
 )
-
-
-def split_step_dir(url: str) -> tuple[str, int]:
-    """'<folder>/step-<N>' -> ('<folder>', N), or a ValueError naming the expected form."""
-    parent, _, name = url.rstrip("/").rpartition("/")
-    if not (name.startswith("step-") and name[5:].isdigit()):
-        raise ValueError(f"{url} is not a step directory (<folder>/step-<N>)")
-    return parent, int(name[5:])
 
 
 def ls(folder: str, options: list[str]) -> str:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import torch
@@ -43,13 +42,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from raytitan.checkpoint.storage import (
-    CHECKSUMS_FILE,
     FORMAT,
     CheckpointError,
     CheckpointStorage,
     StepInfo,
     StepWriter,
-    crc32,
     in_commit_order,
     latest_full,
     parse_storage_options,
@@ -61,6 +58,8 @@ from raytitan.config.job_config import Checkpoint as CheckpointConfig
 logger = logging.getLogger("raytitan")
 
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# The Hugging Face export of a step (last_save_in_hf) lives in <step>/hf.
+HF_DIR = "hf"
 # Tokenizer files copied into <step>/tokenizer/ when the dataset has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -187,6 +186,7 @@ class CheckpointManager:
                 use_non_blocking_copy=gpu and pinned))
         self.last_stall_sec = 0.0
         self.last_save_sec = 0.0
+        self.flavor = self.run_info.get("flavor", "debug")
 
     # -- collective helpers -------------------------------------------------------------
 
@@ -232,8 +232,9 @@ class CheckpointManager:
             except (Exception, CheckpointException) as e:
                 raise CheckpointError(f"saving {self.storage.step_url(step)} failed: "
                                       f"{_describe(e)}") from e
+            written = self._export_hf(step) if final and self.cfg.last_save_in_hf else None
             self.last_stall_sec = self.last_save_sec = time.perf_counter() - start
-            self._commit(step, model_only, dtype, self.last_save_sec)
+            self._commit(step, model_only, dtype, self.last_save_sec, written)
             return
         if self.cfg.async_mode == "async":
             # Copies the state in this thread, then writes the copy in a thread.
@@ -328,43 +329,23 @@ class CheckpointManager:
             state["rng"] = {f"rank{self.rank}": rng_state()}
         return state
 
-    def _commit(self, step: int, model_only: bool, dtype: str, seconds: float) -> None:
-        """Rank 0 writes the extra files and COMMIT.json (last); then every rank reports."""
+    def _commit(self, step: int, model_only: bool, dtype: str, seconds: float,
+                written: dict[str, dict] | None = None) -> None:
+        """Rank 0 writes the extra files and COMMIT.json (last); then every rank reports.
+        `written`: files the ranks wrote besides DCP's ({name: {size, crc32}})."""
         def commit() -> int:
-            storage = self.storage
-            files = {name: {"size": size, "crc32": crc}
-                     for name, (size, crc) in storage.read_checksums(step).items()}
-            for name in (".metadata", CHECKSUMS_FILE):
-                with storage.fs.open(storage.step_path(step, name), "rb") as f:
-                    data = f.read()
-                files[name] = {"size": len(data), "crc32": crc32(data)}
-            for name, data in self._files().items():
-                storage.write_file(step, name, data)
-                files[name] = {"size": len(data), "crc32": crc32(data)}
-            if not self.cfg.save_checksums:
-                files = {name: {"size": entry["size"]} for name, entry in files.items()}
             keys = ["model"] if model_only else ["model", *(["optimizer"] if self.cfg.save_optim
                                                             else []), *self.states,
                                                  *(["rng"] if self.cfg.save_rng else [])]
-            # This step is listed too, still uncommitted: it takes its place once committed.
-            steps = [s for s in storage.list_steps() if s.step != step]
-            committed = in_commit_order(steps)
-            sequence = 1 + (committed[-1].commit.get("sequence", 0) if committed else 0)
-            manifest = {
-                "format": FORMAT,
-                "step": step,
-                "sequence": sequence,
-                "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                "model_only": model_only,
-                "dtype": dtype,
-                "keys": keys,
-                "world_size": self.world_size,
-                **self.run_info,
-                "files": files,
-            }
-            storage.write_commit(step, manifest)
-            self._clean([*steps, StepInfo(step, True, manifest)], retain=True)
-            return sum(entry["size"] for entry in files.values())
+            fields = {"model_only": model_only, "dtype": dtype, "keys": keys,
+                      "world_size": self.world_size, **self.run_info}
+            if written and any(name.startswith(f"{HF_DIR}/") for name in written):
+                fields["hf"] = HF_DIR
+            manifest, steps = self.storage.commit_step(
+                step, fields, files=self._files(), written=written,
+                checksums=self.cfg.save_checksums)
+            self._clean(steps, retain=True)
+            return sum(entry["size"] for entry in manifest["files"].values())
 
         total = self._on_rank0(commit)
         logger.info("checkpoint: committed %s (%.1f MB) in %.2f s (%.0f MB/s; training "
@@ -374,6 +355,45 @@ class CheckpointManager:
             # A model-only export is an artifact, not a point to resume from: Ray is told the
             # metrics only, so its retention and get_checkpoint() see full-state steps alone.
             self.on_commit(step, None if model_only else step_name(step))
+
+    def _export_hf(self, step: int) -> dict[str, dict]:
+        """Write <step>/hf, a Hugging Face folder of the step just saved, in export_dtype:
+        every rank writes its share of the safetensors files (read back from the step, so
+        any mesh works), then rank 0 the config, tokenizer and index. Returns the files."""
+        from raytitan.checkpoint.hf import HFExport
+
+        url = self.storage.step_url(step)
+        start = time.perf_counter()
+        mine: dict[str, dict] = {}
+        error = None
+        try:
+            args = getattr(self.model_parts[0], "args", None)
+            if args is None:
+                raise CheckpointError("checkpoint.last_save_in_hf needs a raytitan Llama-3 model")
+            export = HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
+                                   args=args, dtype=self.cfg.export_dtype)
+            mine = {f"{HF_DIR}/{name}": entry for name, entry in
+                    export.write_shards(self.rank, self.world_size).items()}
+        except Exception as e:  # raised on every rank below
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (mine, error), group=self.ctrl)
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise CheckpointError(f"HF export of {url} failed: {'; '.join(errors)}")
+
+        def rest() -> dict[str, dict]:
+            tokenizer = {name.removeprefix("tokenizer/"): data
+                         for name, data in self._files().items()
+                         if name.startswith("tokenizer/")}
+            return {f"{HF_DIR}/{name}": entry
+                    for name, entry in export.write_rest(tokenizer).items()}
+
+        written = {name: entry for files, _ in gathered for name, entry in files.items()}
+        written.update(self._on_rank0(rest))
+        logger.info("checkpoint: exported %s/%s (Hugging Face, %s, %d files) in %.2f s", url,
+                    HF_DIR, self.cfg.export_dtype, len(written), time.perf_counter() - start)
+        return written
 
     def _clean(self, steps: list[StepInfo], *, retain: bool) -> None:
         """Rank 0, with no save in flight, given the folder's `steps`: delete uncommitted
@@ -426,6 +446,8 @@ class CheckpointManager:
             lambda: self._choose(reported_step))
         if url is None:
             return None
+        if commit is None:  # a Hugging Face folder (initial_load_in_hf)
+            return self._load_hf(url)
         storage = (self.storage if url == self.storage.url
                    else CheckpointStorage(url, self.storage.options))
         return self._load(storage, step, commit, model_only, others)
@@ -470,6 +492,16 @@ class CheckpointManager:
                                where, step_name(step), cfg.initial_load_path)
             commit = committed[step]
             return self.storage.url, step, commit, bool(commit.get("model_only")), others
+        if cfg.initial_load_path and cfg.initial_load_in_hf:
+            from raytitan.checkpoint.hf import HFCheckpoint
+
+            try:
+                HFCheckpoint(cfg.initial_load_path).check(self._model_args(), self.flavor)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"checkpoint.initial_load_in_hf: {e}") from e
+            logger.info("checkpoint: no checkpoint in %s; starting from the Hugging Face "
+                        "weights in %s", where, cfg.initial_load_path)
+            return cfg.initial_load_path, 0, None, True, []
         if cfg.initial_load_path:
             parent, _, name = cfg.initial_load_path.rstrip("/").rpartition("/")
             initial = CheckpointStorage(parent, self.storage.options)
@@ -584,6 +616,38 @@ class CheckpointManager:
         seconds = time.perf_counter() - start
         logger.info("checkpoint: loaded %s of %s in %.2f s", sorted(request), url, seconds)
         return LoadResult(step, url, sorted(request), unexpected, missing)
+
+    def _model_args(self):
+        args = getattr(self.model_parts[0], "args", None)
+        if args is None:
+            raise CheckpointError("Hugging Face checkpoints need a raytitan Llama-3 model")
+        return args
+
+    def _load_hf(self, folder: str) -> LoadResult:
+        """Fill every parameter of this rank's model parts from an HF folder (checked by
+        `_choose`): each rank reads each tensor memory-mapped and keeps its own shard."""
+        from raytitan.checkpoint.hf import HFCheckpoint
+        from raytitan.models.llama3.model import canonical_name
+        from raytitan.parallel.utils import fill_param
+
+        start = time.perf_counter()
+        error = None
+        try:
+            hf, args = HFCheckpoint(folder), self._model_args()
+            for part in self.model_parts:
+                for name, param in part.named_parameters():
+                    full = hf.get(canonical_name(name), args)
+                    fill_param(param, full.to(device=param.device, dtype=param.dtype))
+        except Exception as e:  # raised on every rank below
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, error, group=self.ctrl)
+        if errors := [e for e in gathered if e]:
+            raise CheckpointError(f"loading Hugging Face weights from {folder} failed: "
+                                  f"{'; '.join(errors)}")
+        logger.info("checkpoint: loaded the model from Hugging Face folder %s in %.2f s",
+                    folder, time.perf_counter() - start)
+        return LoadResult(0, folder, ["model"], [], [])
 
     def _check_keys(self, request: dict[str, Any], stored: set[str],
                     url: str) -> tuple[list[str], list[str]]:

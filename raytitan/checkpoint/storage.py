@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
@@ -44,6 +45,15 @@ class CheckpointError(RuntimeError):
 
 def step_name(step: int) -> str:
     return f"step-{step}"
+
+
+def split_step_dir(url: str) -> tuple[str, int]:
+    """'<folder>/step-<N>' -> ('<folder>', N), or a ValueError naming the expected form."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    match = _STEP_DIR.match(name)
+    if not match:
+        raise ValueError(f"{url} is not a step directory (<folder>/step-<N>)")
+    return parent, int(match.group(1))
 
 
 def parse_storage_options(options: list[str]) -> dict[str, object]:
@@ -178,6 +188,39 @@ class CheckpointStorage:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path))
+
+    def commit_step(self, step: int, fields: dict, *, files: dict[str, bytes],
+                    written: dict[str, dict] | None = None, checksums: bool = True
+                    ) -> tuple[dict, list[StepInfo]]:
+        """Commit `step` once DCP's save has returned: write the extra `files`, then
+        COMMIT.json listing every file (DCP's shards from checksums.json, `.metadata`,
+        `files`, and `written`: files others already wrote, {name: {size, crc32}}) with
+        `fields`. Returns the manifest and the folder's steps (this one committed)."""
+        entries = {name: {"size": size, "crc32": crc}
+                   for name, (size, crc) in self.read_checksums(step).items()}
+        for name in (".metadata", CHECKSUMS_FILE):
+            with self.fs.open(self.step_path(step, name), "rb") as f:
+                data = f.read()
+            entries[name] = {"size": len(data), "crc32": crc32(data)}
+        for name, data in files.items():
+            self.write_file(step, name, data)
+            entries[name] = {"size": len(data), "crc32": crc32(data)}
+        entries.update(written or {})
+        if not checksums:
+            entries = {name: {"size": entry["size"]} for name, entry in entries.items()}
+        # This step is listed too, still uncommitted: it takes its place once committed.
+        steps = [s for s in self.list_steps() if s.step != step]
+        committed = in_commit_order(steps)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "sequence": 1 + (committed[-1].commit.get("sequence", 0) if committed else 0),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            **fields,
+            "files": entries,
+        }
+        self.write_commit(step, manifest)
+        return manifest, [*steps, StepInfo(step, True, manifest)]
 
     def remove_step(self, step: int) -> None:
         """Delete a step directory, COMMIT.json first: a crash halfway leaves an

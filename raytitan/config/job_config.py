@@ -56,6 +56,11 @@ class Model:
     vocab_size: int = 0
     """Vocabulary size. 0 = the flavor's own (debug: the tokenizer's size)."""
 
+    hf_assets_path: str = ""
+    """A local Hugging Face model folder (config.json, *.safetensors, tokenizer files):
+    what checkpoint.initial_load_in_hf loads when checkpoint.initial_load_path is empty.
+    Tokenize the corpus with its tokenizer: raytitan prepare --tokenizer <this folder>."""
+
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, ("llama3",))
         _check_choice("model.flavor", self.flavor, MODEL_FLAVORS)
@@ -316,7 +321,13 @@ class Checkpoint:
     """The final save holds the model only (no optimizer, data position or RNG)."""
 
     export_dtype: str = "float32"
-    """Dtype of the model in a model-only final save: float32, bfloat16 or float16."""
+    """Dtype of the model in a model-only final save (and of its HF export): float32,
+    bfloat16 or float16."""
+
+    last_save_in_hf: bool = False
+    """Also write the final step as a Hugging Face LlamaForCausalLM folder <step>/hf
+    (config.json, tokenizer, sharded safetensors in export_dtype), covered by the step's
+    commit. Any other committed step: raytitan convert to-hf STEP_DIR OUT."""
 
     load_step: int = -1
     """Step to resume from; -1 = the newest committed step."""
@@ -337,6 +348,11 @@ class Checkpoint:
 
     initial_load_model_only: bool = True
     """Load only the model from initial_load_path."""
+
+    initial_load_in_hf: bool = False
+    """The initial load is a Hugging Face folder (initial_load_path, else
+    model.hf_assets_path): config.json must match the model; its weights are read tensor by
+    tensor, each rank keeping its own shards."""
 
     exit_on_missing_checkpoint: bool = False
     """Fail instead of starting from scratch when there is nothing to load."""
