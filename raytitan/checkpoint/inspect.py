@@ -34,6 +34,8 @@ def ls(folder: str, options: list[str]) -> str:
             mesh = "x".join(f"{k}{v}" for k, v in commit.get("mesh", {}).items() if v > 1)
             content = ("model " + commit.get("dtype", "")) if commit.get("model_only") \
                 else "full"
+            if commit.get("hf"):
+                content += " +hf"
             state = "committed" + (" *" if info is latest else "")
             lines.append(f"{info.step:>8}  {state:<11} {size / 1e6:>9.1f}  "
                          f"{commit.get('world_size', '?'):>5}  {mesh or '-':<24} "
@@ -61,6 +63,10 @@ def show(step_dir: str, options: list[str]) -> str:
         lines.append(f"  committed {commit.get('time')}, world size {commit.get('world_size')}, "
                      f"mesh {commit.get('mesh')}, keys {commit.get('keys')}, "
                      f"{'model only ' + str(commit.get('dtype')) if commit.get('model_only') else 'full state'}")
+        if commit.get("hf"):
+            hf_files = [name for name in commit["files"] if name.startswith(commit["hf"] + "/")]
+            lines.append(f"  Hugging Face export: {storage.step_url(step)}/{commit['hf']} "
+                         f"({len(hf_files)} files)")
     metadata = step_reader(storage.step_url(step), storage.options).read_metadata()
     entries = metadata.state_dict_metadata
     small = {key: None for key, meta in entries.items()

@@ -367,11 +367,9 @@ class CheckpointManager:
         mine: dict[str, dict] = {}
         error = None
         try:
-            args = getattr(self.model_parts[0], "args", None)
-            if args is None:
-                raise CheckpointError("checkpoint.last_save_in_hf needs a raytitan Llama-3 model")
+            # The flavor's args (max_position_embeddings is the flavor's, not seq_len).
             export = HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
-                                   args=args, dtype=self.cfg.export_dtype)
+                                   flavor=self.flavor, dtype=self.cfg.export_dtype)
             mine = {f"{HF_DIR}/{name}": entry for name, entry in
                     export.write_shards(self.rank, self.world_size).items()}
         except Exception as e:  # raised on every rank below

@@ -148,3 +148,28 @@ def test_cli_form_of_exclude_from_loading(reference, base, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert records[-1]["step"] == 11
     assert records[-1]["lr"] == pytest.approx(3e-4 / 2)  # warm-up step 1 of 2
+
+
+def test_last_save_in_hf_from_a_sharded_run(base, tmp_path):
+    """FSDP2 x TP on 2 ranks: the final step's hf/ folder holds the whole model (read back
+    from the sharded save) and transformers computes raytitan's logits from it."""
+    import torch
+    import transformers
+
+    from raytitan.checkpoint.hf import model_entries, read_model_tensors
+    from raytitan.models.llama3 import Llama3
+    from raytitan.models.llama3.hf import flavor_args
+
+    run_torchrun(2, {**base, "training.steps": "2", "checkpoint.interval": "2",
+                     "parallelism.tensor_parallel_degree": "2",
+                     "checkpoint.last_save_in_hf": "true"}, tmp_path, read=False)
+    step = tmp_path / STEP_DIR.format(2)
+    entries = model_entries(str(step), {})
+    weights = read_model_tensors(str(step), {}, entries, sorted(entries))
+    vocab = weights["tok_embeddings.weight"].shape[0]
+    ours = Llama3(flavor_args("debug", vocab))
+    ours.load_state_dict(weights, strict=True)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(step / "hf", dtype=torch.float32)
+    tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits).abs().max() <= 1e-4

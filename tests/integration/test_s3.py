@@ -95,3 +95,43 @@ def test_ray_registers_and_retains_checkpoints_on_s3(s3, tiny_dataset, tmp_path)
     assert "step-6" in names and "step-3" not in names  # Ray deleted the older one
     assert "checkpoint_manager_snapshot.json" in names  # Ray's own run state, same folder
     assert fs.exists(f"{s3}/ray/raytitan/step-6/COMMIT.json")
+
+
+def test_hf_and_torch_exports_to_and_from_s3(s3, tiny_dataset, tmp_path):
+    """last_save_in_hf into an s3:// step (written locally, then uploaded, covered by the
+    commit); `convert to-hf` / `to-torch` from an s3:// step to s3:// give the same bytes."""
+    import fsspec
+    import torch
+    import transformers
+
+    from raytitan.checkpoint import inspect
+    from raytitan.cli import main as cli_main
+
+    base = {**BASE_OVERRIDES, "data.path": tiny_dataset, "training.steps": "3",
+            "checkpoint.enable": "true", "checkpoint.interval": "3",
+            "checkpoint.folder": f"{s3}/hf-run", "checkpoint.last_save_in_hf": "true"}
+    run_torchrun(1, base, tmp_path / "run", read=False)
+    step = f"{s3}/hf-run/raytitan/step-3"
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    ok, message = inspect.verify(step, [])
+    assert ok and "hf/config.json" in fs.cat_file(f"{step}/COMMIT.json").decode(), message
+
+    for argv in (["to-hf", step, f"{s3}/exported"], ["to-torch", step, f"{s3}/model.pt"]):
+        try:
+            cli_main(["convert", *argv])
+        except SystemExit as e:
+            assert e.code == 0, argv
+    fs.invalidate_cache()
+    fs.get(f"{step}/hf/", str(tmp_path / "in_step"), recursive=True)
+    fs.get(f"{s3}/exported/", str(tmp_path / "exported"), recursive=True)
+    names = sorted(p.name for p in (tmp_path / "exported").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "in_step").iterdir())
+    assert "model.safetensors.index.json" in names and "tokenizer.json" in names
+    for name in names:
+        assert (tmp_path / "exported" / name).read_bytes() == \
+            (tmp_path / "in_step" / name).read_bytes(), name
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    fs.get(f"{s3}/model.pt", str(tmp_path / "model.pt"))
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.equal(state["norm.weight"], model.model.norm.weight.detach())

@@ -238,6 +238,10 @@ def test_last_save_in_hf_is_part_of_the_committed_step(trained, tmp_path):
                        stored["layers.1.feed_forward.w2.weight"])
     model = transformers.AutoModelForCausalLM.from_pretrained(step / "hf")
     assert model.dtype == torch.bfloat16
+    from raytitan.checkpoint import inspect
+
+    assert "model bfloat16 +hf" in inspect.ls(str(step.parent), [])
+    assert inspect.verify(str(step), [])[0]
 
 
 # -- single torch files -------------------------------------------------------------------
