@@ -87,10 +87,10 @@ def _stop_head(value: str, session: int, grace_s: float = 5.0) -> list[int]:
     return _head_pids(value, session)
 
 
-def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers=headers or {})
+def _get(url: str) -> tuple[int, str]:
+    """(HTTP status, body) of a GET without credentials."""
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
