@@ -89,6 +89,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # -- reading a step's model ---------------------------------------------------------------
 
 
+def check_committed(step_url: str, options: dict) -> None:
+    """Raise CheckpointError unless `step_url` is a committed step with every file whole
+    (present, of the recorded size): an interrupted save is never converted."""
+    parent, step = split_step_dir(step_url)
+    storage = CheckpointStorage(parent, options)
+    commit = storage.read_commit(step)
+    if commit is None:
+        raise CheckpointError(
+            f"{step_url} is not a committed step (no readable COMMIT.json: an interrupted "
+            f"save?); committed steps in {parent}: {storage.committed_steps() or 'none'}")
+    if problems := storage.check_sizes(step, commit):
+        raise CheckpointError(f"{step_url} is damaged: {'; '.join(problems[:5])}")
+
+
 def model_entries(step_url: str, options: dict) -> dict[str, TensorStorageMetadata]:
     """Shape and dtype of every model tensor of a step, by raytitan name."""
     metadata = step_reader(step_url, options).read_metadata()
@@ -215,8 +229,12 @@ class HFExport:
     def plan(cls, step_url: str, out_url: str, *, options: dict | None = None,
              out_options: dict | None = None, flavor: str | None = None,
              args: Llama3Args | None = None, dtype: str | None = None,
-             max_shard_bytes: int = MAX_SHARD_BYTES) -> HFExport:
+             max_shard_bytes: int = MAX_SHARD_BYTES, committed: bool = True) -> HFExport:
+        """`committed`: the step must be committed and whole (False while the final save
+        of a run is being committed with its export)."""
         options = options or {}
+        if committed:
+            check_committed(step_url, options)
         entries = model_entries(step_url, options)
         if args is None:
             args, _ = step_model_args(step_url, options, entries, flavor)
@@ -439,6 +457,7 @@ def step_to_torch(step_url: str, out: str, *, options: dict | None = None,
     FullModelMetaCheckpointer reads them). Otherwise everything, nested by top-level key
     like `dcp_to_torch` writes it. `dtype` casts the model's tensors."""
     options = options or {}
+    check_committed(step_url, options)
     if model_only:
         entries = model_entries(step_url, options)
         if not entries:

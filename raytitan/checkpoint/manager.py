@@ -369,7 +369,8 @@ class CheckpointManager:
         try:
             # The flavor's args (max_position_embeddings is the flavor's, not seq_len).
             export = HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
-                                   flavor=self.flavor, dtype=self.cfg.export_dtype)
+                                   flavor=self.flavor, dtype=self.cfg.export_dtype,
+                                   committed=False)
             mine = {f"{HF_DIR}/{name}": entry for name, entry in
                     export.write_shards(self.rank, self.world_size).items()}
         except Exception as e:  # raised on every rank below

@@ -145,6 +145,23 @@ def test_to_hf_needs_a_flavor_that_fits(trained, tmp_path):
         HFExport.plan(str(trained["step"]), str(tmp_path / "x"), flavor="1B")
 
 
+def test_conversions_refuse_uncommitted_or_damaged_steps(trained, tmp_path):
+    import shutil
+
+    step = tmp_path / "run" / "step-4"
+    shutil.copytree(trained["step"], step)
+    (step / "__0_0.distcp").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match=r"step-4 is damaged: __0_0.distcp has 4 bytes"):
+        HFExport.plan(str(step), str(tmp_path / "out"))
+    (step / "COMMIT.json").unlink()
+    for argv in (["to-hf", str(step), str(tmp_path / "out")],
+                 ["to-torch", str(step), str(tmp_path / "out.pt")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["convert", *argv])
+        assert exit_info.value.code == 2
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out").exists()
+
+
 def test_from_hf_never_overwrites_a_step(trained, tmp_path):
     hf = tmp_path / "hf"
     convert("to-hf", str(trained["step"]), str(hf))
@@ -275,3 +292,31 @@ def test_to_torch_model_only_in_export_dtype(trained, tmp_path):
     convert("to-torch", str(trained["step"]), str(out), "--full")
     state = torch.load(out, weights_only=False)
     assert state["train_state"] == {"step": 4, "tokens_seen": 4 * 8 * 64}
+
+
+def test_tied_embeddings_export_and_load(tmp_path):
+    """1B/3B tie the output to the embedding: HF gets no lm_head (tie_word_embeddings) and
+    computes the same logits; loading it back fills the one shared matrix."""
+    args = dataclasses.replace(flavor_args("debug", 300), tie_word_embeddings=True,
+                               max_seq_len=32)
+    torch.manual_seed(0)
+    model = Llama3(args)
+    model.init_weights(seed=3)
+    step = tmp_path / "run" / "step-1"
+    state = {k: v for k, v in model.state_dict().items()}
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": state}, checkpoint_id=str(step))
+    export = HFExport.plan(str(step), str(tmp_path / "hf"), args=args, committed=False)
+    export.run({})
+    weights = load_file(tmp_path / "hf" / export.file_name(0))
+    assert "lm_head.weight" not in weights
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - theirs(tokens).logits).abs().max() <= 1e-4
+
+    from raytitan.checkpoint.hf import HFCheckpoint
+
+    hf = HFCheckpoint(str(tmp_path / "hf"))
+    assert torch.equal(hf.get("output.weight", args), state["tok_embeddings.weight"])
