@@ -49,6 +49,17 @@ def tiny_dataset(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A world-1 gloo process group for the module (in-process Trainer and checkpoint tests)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,22 +11,14 @@ import random
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from raytitan.checkpoint import CheckpointError, CheckpointManager, CheckpointStorage
 from raytitan.checkpoint.storage import COMMIT_FILE, StepWriter
 from raytitan.config import ConfigError
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
-from tests.conftest import free_port
 
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 class Counter:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from raytitan.checkpoint import CheckpointError
@@ -24,17 +23,12 @@ from raytitan.config import ConfigError, load_job_config
 from raytitan.models.llama3 import Llama3
 from raytitan.models.llama3.hf import check_hf_config, flavor_args, hf_config, to_hf_name
 from raytitan.train import Trainer, cross_entropy
-from tests.conftest import BASE_OVERRIDES, ROOT, free_port, overrides_to_argv
+from tests.conftest import BASE_OVERRIDES, ROOT, overrides_to_argv
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 def job(tiny_dataset: str, dump: Path, **overrides: str):
