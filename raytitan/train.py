@@ -357,6 +357,7 @@ class Trainer:
                 ckpt.save(self.step, final=final_saved)
         if ckpt is not None:
             ckpt.close()
+        self.stream.close()
         if self.report is not None and not final_saved:
             self.report(last, None)
         self.metrics.close()
@@ -406,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     dist.barrier()
     dist.destroy_process_group()
+    # Every rank has finished its work (the barrier). NOTE: rarely a process still aborts
+    # during interpreter shutdown afterwards (PLATFORM.md); this line tells the run was good.
+    logger.info("done: %s at step %d", cfg.job.name, trainer.step)
 
 
 if __name__ == "__main__":

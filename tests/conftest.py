@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,10 +92,22 @@ def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and _aborted_after_finishing(proc.stdout + proc.stderr):
+        print(f"torchrun: a process aborted at exit after the run finished (ignored):\n"
+              f"{proc.stderr[-2000:]}")
+    elif proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return read_losses(dump_folder) if read else []
+
+
+def _aborted_after_finishing(output: str) -> bool:
+    """A known torch/gloo exit-time abort (PLATFORM.md: rare, after the work is complete):
+    rank 0 logged `done:` after every rank passed the final barrier, and the only failure is
+    a C++ std::terminate during interpreter shutdown."""
+    done = re.search(r"\[rank0\] [\d:]+ done: ", output)
+    return (done is not None and "terminate called without an active exception" in output
+            and "Traceback (most recent call last)" not in output[:done.start()])
 
 
 @pytest.fixture(scope="session")
