@@ -118,6 +118,7 @@ def absolutize(cfg: JobConfig) -> JobConfig:
     return dataclasses.replace(
         cfg,
         job=dataclasses.replace(cfg.job, dump_folder=fix(cfg.job.dump_folder)),
+        model=dataclasses.replace(cfg.model, hf_assets_path=fix(cfg.model.hf_assets_path)),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path),
                                  cache_dir=fix(cfg.data.cache_dir)),
         checkpoint=dataclasses.replace(cfg.checkpoint,

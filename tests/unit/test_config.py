@@ -131,3 +131,19 @@ def test_every_shipped_job_parses_and_fits_its_world(path):
 
 def test_parse_cli_overrides_lists():
     assert parse_cli_overrides(["--job.name", "x"]) == {"job": {"name": "x"}}
+
+
+def test_launcher_pins_every_local_path_for_the_workers(tmp_path, monkeypatch):
+    """Ray workers do not run in the driver's directory: relative paths become absolute,
+    URLs stay as they are."""
+    from raytitan.launcher import absolutize
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_job_config(None, [
+        "--job.dump_folder", "out", "--data.path", "s3://bucket/tokens",
+        "--model.hf_assets_path", "hf", "--checkpoint.initial_load_path", "seed/step-0"])
+    fixed = absolutize(cfg)
+    assert fixed.job.dump_folder == str(tmp_path / "out")
+    assert fixed.model.hf_assets_path == str(tmp_path / "hf")
+    assert fixed.checkpoint.initial_load_path == str(tmp_path / "seed" / "step-0")
+    assert fixed.data.path == "s3://bucket/tokens"
