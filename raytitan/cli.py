@@ -159,7 +159,7 @@ def _convert(argv: list[str]) -> int:
         export = hf.HFExport.plan(args.step_dir, args.out, options=options, flavor=args.flavor,
                                   dtype=args.dtype,
                                   max_shard_bytes=int(args.max_shard_size * 1e9))
-        tokenizer = (_read_tokenizer(args.tokenizer) if args.tokenizer
+        tokenizer = (hf.read_tokenizer_files(args.tokenizer) if args.tokenizer
                      else hf.step_tokenizer_files(args.step_dir, options))
         if "tokenizer.json" not in tokenizer:
             logging.getLogger("raytitan").warning(
@@ -181,23 +181,6 @@ def _convert(argv: list[str]) -> int:
         print(f"wrote {args.out}: {entry['size'] / 1e6:.1f} MB "
               f"({'everything' if args.full else 'model only'})")
     return 0
-
-
-def _read_tokenizer(path: str) -> dict[str, bytes]:
-    import os
-
-    from raytitan.checkpoint.manager import TOKENIZER_FILES
-
-    if os.path.isdir(path):
-        files = {name: os.path.join(path, name) for name in TOKENIZER_FILES
-                 if os.path.isfile(os.path.join(path, name))}
-    else:
-        files = {"tokenizer.json": path}
-    out = {}
-    for name, file in files.items():
-        with open(file, "rb") as f:
-            out[name] = f.read()
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,6 +79,9 @@ def build_plan(cfg: JobConfig, world_size: int, vocab_size: int | None = None) -
             f"pipeline_parallel_degree={dims.pp} (use 1 for both)"
         )
     ckpt = cfg.checkpoint
+    for name in ("initial_load_in_hf", "last_save_in_hf"):
+        if getattr(ckpt, name) and not ckpt.enable:
+            raise ConfigError(f"checkpoint.{name} = true needs checkpoint.enable = true")
     if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or cfg.model.hf_assets_path):
         raise ConfigError("checkpoint.initial_load_in_hf = true needs a Hugging Face folder: "
                           "set model.hf_assets_path (or checkpoint.initial_load_path)")

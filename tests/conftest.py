@@ -92,7 +92,7 @@ def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
-    if proc.returncode != 0 and _aborted_after_finishing(proc.stdout + proc.stderr):
+    if proc.returncode != 0 and _aborted_after_finishing(proc.stdout, proc.stderr):
         print(f"torchrun: a process aborted at exit after the run finished (ignored):\n"
               f"{proc.stderr[-2000:]}")
     elif proc.returncode != 0:
@@ -101,13 +101,17 @@ def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
     return read_losses(dump_folder) if read else []
 
 
-def _aborted_after_finishing(output: str) -> bool:
+def _aborted_after_finishing(stdout: str, stderr: str) -> bool:
     """A known torch/gloo exit-time abort (PLATFORM.md: rare, after the work is complete):
-    rank 0 logged `done:` after every rank passed the final barrier, and the only failure is
-    a C++ std::terminate during interpreter shutdown."""
-    done = re.search(r"\[rank0\] [\d:]+ done: ", output)
-    return (done is not None and "terminate called without an active exception" in output
-            and "Traceback (most recent call last)" not in output[:done.start()])
+    rank 0 logged `done:` after every rank passed the final barrier, the only C++ failure is
+    std::terminate, every failed process died of SIGABRT (torchrun's summary: exitcode -6),
+    and the only Python traceback is torchrun's own report of that."""
+    exitcodes = re.findall(r"exitcode\s*: (-?\d+)", stderr)
+    return (re.search(r"\[rank0\] [\d:]+ done: ", stdout) is not None
+            and "terminate called without an active exception" in stdout + stderr
+            and bool(exitcodes) and all(code == "-6" for code in exitcodes)
+            and stderr.count("Traceback (most recent call last)") == 1
+            and "ChildFailedError" in stderr)
 
 
 @pytest.fixture(scope="session")

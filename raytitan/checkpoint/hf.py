@@ -171,7 +171,7 @@ class _Folder:
     written to a local temp folder, then uploaded and deleted."""
 
     def __init__(self, url: str, options: dict) -> None:
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/") or "/"
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.local = _is_local(self.fs)
         if self.local:
@@ -197,6 +197,10 @@ class _Folder:
             with open(path, "wb") as f:
                 f.write(data)
         return self.put(name, write)
+
+    def is_empty(self) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
 
     def exists(self, name: str) -> bool:
         self.fs.invalidate_cache(self.root)
@@ -298,7 +302,11 @@ class HFExport:
         return written
 
     def run(self, tokenizer_files: dict[str, bytes]) -> dict[str, dict]:
-        """The whole export in this process."""
+        """The whole export in this process, into a new or empty folder (never over
+        another export, which could leave a mix of both that looks whole)."""
+        if not _Folder(self.out_url, self.out_options).is_empty():
+            raise FileExistsError(f"{self.out_url} exists and is not empty; choose another "
+                                  "output folder or delete it")
         return {**self.write_shards(), **self.write_rest(tokenizer_files)}
 
 
@@ -399,13 +407,22 @@ class HFCheckpoint:
         return from_hf_tensor(name, self._handles[file].get_tensor(hf_name), args)
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        out = {}
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            path = os.path.join(self.folder, name)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    out[name] = f.read()
-        return out
+        return read_tokenizer_files(self.folder)
+
+
+def read_tokenizer_files(path: str) -> dict[str, bytes]:
+    """The tokenizer files of a local folder (TOKENIZER_FILES), or of one tokenizer.json."""
+    from raytitan.checkpoint.manager import TOKENIZER_FILES
+
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return {"tokenizer.json": f.read()}
+    out = {}
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb") as f:
+                out[name] = f.read()
+    return out
 
 
 def resolve_step_url(out: str) -> str:
@@ -434,6 +451,8 @@ def import_hf(hf_folder: str, out: str, *, flavor: str, options: dict | None = N
     for name in param_names(args):
         tensor = hf.get(name, args)
         model[name] = tensor.to(_dtype(dtype)) if dtype else tensor.contiguous()
+    if args.tie_word_embeddings:  # what a tied model's state dict holds (and a load asks for)
+        model["output.weight"] = model["tok_embeddings.weight"]
     stored = _dtype_name(model["tok_embeddings.weight"].dtype)
     with _single_process():
         dcp.save({"model": model}, no_dist=True,
@@ -477,8 +496,9 @@ def step_to_torch(step_url: str, out: str, *, options: dict | None = None,
             if torch.is_tensor(tensor) and tensor.is_floating_point():
                 model[name] = tensor.to(cast)
     parent, _, name = out.rstrip("/").rpartition("/")
-    if "/" not in out:
-        parent = "."
-    folder = _Folder(parent or "/", out_options if out_options is not None else options)
+    folder = _Folder(parent or ("/" if out.startswith("/") else "."),
+                     out_options if out_options is not None else options)
+    if folder.exists(name):
+        raise FileExistsError(f"{out} exists; choose another output or delete it")
     return folder.put(name, lambda path: torch.save(state, path))
 

@@ -50,6 +50,7 @@ from raytitan.checkpoint.storage import (
     in_commit_order,
     latest_full,
     parse_storage_options,
+    split_step_dir,
     step_name,
     step_reader,
 )
@@ -186,7 +187,8 @@ class CheckpointManager:
                 use_non_blocking_copy=gpu and pinned))
         self.last_stall_sec = 0.0
         self.last_save_sec = 0.0
-        self.flavor = self.run_info.get("flavor", "debug")
+        self.flavor: str | None = self.run_info.get("flavor")
+        """The model flavor (run_info), for Hugging Face checks and exports."""
 
     # -- collective helpers -------------------------------------------------------------
 
@@ -232,9 +234,20 @@ class CheckpointManager:
             except (Exception, CheckpointException) as e:
                 raise CheckpointError(f"saving {self.storage.step_url(step)} failed: "
                                       f"{_describe(e)}") from e
-            written = self._export_hf(step) if final and self.cfg.last_save_in_hf else None
+            written, export_error = None, None
+            if final and self.cfg.last_save_in_hf:
+                try:
+                    written = self._export_hf(step)
+                except CheckpointError as e:  # every rank: keep the step, drop its hf/
+                    export_error = e
+                    self._on_rank0(lambda: self._remove_hf(step))
             self.last_stall_sec = self.last_save_sec = time.perf_counter() - start
             self._commit(step, model_only, dtype, self.last_save_sec, written)
+            if export_error is not None:
+                raise CheckpointError(
+                    f"{export_error}. {self.storage.step_url(step)} is committed without "
+                    f"it; export it with `raytitan convert to-hf "
+                    f"{self.storage.step_url(step)} OUT`") from export_error
             return
         if self.cfg.async_mode == "async":
             # Copies the state in this thread, then writes the copy in a thread.
@@ -367,6 +380,7 @@ class CheckpointManager:
         mine: dict[str, dict] = {}
         error = None
         try:
+            self._model_args()  # a Llama-3 with a known flavor
             # The flavor's args (max_position_embeddings is the flavor's, not seq_len).
             export = HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
                                    flavor=self.flavor, dtype=self.cfg.export_dtype,
@@ -389,10 +403,18 @@ class CheckpointManager:
                     for name, entry in export.write_rest(tokenizer).items()}
 
         written = {name: entry for files, _ in gathered for name, entry in files.items()}
-        written.update(self._on_rank0(rest))
+        try:
+            written.update(self._on_rank0(rest))
+        except CheckpointError as e:
+            raise CheckpointError(f"HF export of {url} failed: {e}") from e
         logger.info("checkpoint: exported %s/%s (Hugging Face, %s, %d files) in %.2f s", url,
                     HF_DIR, self.cfg.export_dtype, len(written), time.perf_counter() - start)
         return written
+
+    def _remove_hf(self, step: int) -> None:
+        path = self.storage.step_path(step, HF_DIR)
+        if self.storage.fs.exists(path):
+            self.storage.fs.rm(path, recursive=True)
 
     def _clean(self, steps: list[StepInfo], *, retain: bool) -> None:
         """Rank 0, with no save in flight, given the folder's `steps`: delete uncommitted
@@ -502,11 +524,13 @@ class CheckpointManager:
                         "weights in %s", where, cfg.initial_load_path)
             return cfg.initial_load_path, 0, None, True, []
         if cfg.initial_load_path:
-            parent, _, name = cfg.initial_load_path.rstrip("/").rpartition("/")
-            initial = CheckpointStorage(parent, self.storage.options)
             commit = None
-            if name.startswith("step-") and name[5:].isdigit():
-                commit = initial.read_commit(int(name[5:]))
+            try:
+                parent, initial_step = split_step_dir(cfg.initial_load_path)
+                initial = CheckpointStorage(parent, self.storage.options)
+                commit = initial.read_commit(initial_step)
+            except ValueError:
+                pass
             if commit is None:
                 raise CheckpointError(
                     f"checkpoint.initial_load_path = {cfg.initial_load_path} is not a committed "
@@ -618,8 +642,9 @@ class CheckpointManager:
 
     def _model_args(self):
         args = getattr(self.model_parts[0], "args", None)
-        if args is None:
-            raise CheckpointError("Hugging Face checkpoints need a raytitan Llama-3 model")
+        if args is None or self.flavor is None:
+            raise CheckpointError("Hugging Face checkpoints need a raytitan Llama-3 model and "
+                                  "its flavor (run_info['flavor'])")
         return args
 
     def _load_hf(self, folder: str) -> LoadResult:

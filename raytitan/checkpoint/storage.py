@@ -53,7 +53,7 @@ def split_step_dir(url: str) -> tuple[str, int]:
     match = _STEP_DIR.match(name)
     if not match:
         raise ValueError(f"{url} is not a step directory (<folder>/step-<N>)")
-    return parent, int(match.group(1))
+    return parent or ("/" if url.startswith("/") else "."), int(match.group(1))
 
 
 def parse_storage_options(options: list[str]) -> dict[str, object]:

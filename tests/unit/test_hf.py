@@ -156,14 +156,21 @@ def test_conversions_refuse_uncommitted_or_damaged_steps(trained, tmp_path):
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out").exists()
 
 
-def test_from_hf_never_overwrites_a_step(trained, tmp_path):
-    hf = tmp_path / "hf"
+def test_conversions_never_overwrite(trained, tmp_path, capsys):
+    hf, pt = tmp_path / "hf", tmp_path / "model.pt"
     convert("to-hf", str(trained["step"]), str(hf))
+    convert("to-torch", str(trained["step"]), str(pt))
     convert("from-hf", str(hf), str(tmp_path / "c" / "step-7"), "--flavor", "debug")
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["convert", "from-hf", str(hf), str(tmp_path / "c" / "step-7"),
-                  "--flavor", "debug"])
-    assert exit_info.value.code == 2
+    before = {p: p.read_bytes() for p in [*hf.iterdir(), pt]}
+    for argv, message in ((["to-hf", str(trained["step"]), str(hf)], "is not empty"),
+                          (["to-torch", str(trained["step"]), str(pt)], "exists"),
+                          (["from-hf", str(hf), str(tmp_path / "c" / "step-7"), "--flavor",
+                            "debug"], "step-7 exists")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["convert", *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in before}
 
 
 def test_hf_config_mismatch_names_fields_and_fitting_flavors():
@@ -255,6 +262,32 @@ def test_last_save_in_hf_is_part_of_the_committed_step(trained, tmp_path):
     assert inspect.verify(str(step), [])[0]
 
 
+def test_failed_hf_export_keeps_the_final_step(trained, tmp_path, monkeypatch):
+    def fail(self, tokenizer_files):
+        raise OSError("simulated upload failure")
+
+    monkeypatch.setattr(HFExport, "write_rest", fail)
+    trainer = Trainer(job(trained["dataset"], tmp_path, **{
+        "training.steps": "2", "checkpoint.interval": "2",
+        "checkpoint.last_save_in_hf": "true"}))
+    with pytest.raises(CheckpointError, match=r"HF export of .*step-2 failed: .*simulated "
+                                              r"upload failure.*step-2 is committed without it"):
+        trainer.train()
+    step = tmp_path / "checkpoint" / "raytitan" / "step-2"
+    commit = json.loads((step / "COMMIT.json").read_text())
+    assert "hf" not in commit and not (step / "hf").exists()
+    assert not any(name.startswith("hf/") for name in commit["files"])
+
+
+def test_hf_options_need_checkpointing(trained, tmp_path):
+    for option in ("initial_load_in_hf", "last_save_in_hf"):
+        with pytest.raises(ConfigError, match=f"checkpoint.{option} = true needs "
+                                              "checkpoint.enable = true"):
+            Trainer(job(trained["dataset"], tmp_path, **{
+                "checkpoint.enable": "false", f"checkpoint.{option}": "true",
+                "model.hf_assets_path": str(tmp_path)}))
+
+
 # -- single torch files -------------------------------------------------------------------
 
 
@@ -277,12 +310,14 @@ def test_to_torch_model_only_in_export_dtype(trained, tmp_path):
     assert torch.equal(loss_of(debug_model(state, trained["vocab"]), trained["tokens"]),
                        trained["loss"])
 
+    out = tmp_path / "model-bf16.pt"
     convert("to-torch", str(trained["step"]), str(out), "--dtype", "bfloat16")
     state = torch.load(out, weights_only=True)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     model = debug_model(state, trained["vocab"]).to(torch.bfloat16)  # strict load
     assert abs(loss_of(model, trained["tokens"]).item() - trained["loss"].item()) < 0.05
 
+    out = tmp_path / "full.pt"
     convert("to-torch", str(trained["step"]), str(out), "--full")
     state = torch.load(out, weights_only=False)
     assert state["train_state"] == {"step": 4, "tokens_seen": 4 * 8 * 64}
@@ -310,7 +345,17 @@ def test_tied_embeddings_export_and_load(tmp_path):
     with torch.no_grad():
         assert (model(tokens) - theirs(tokens).logits).abs().max() <= 1e-4
 
-    from raytitan.checkpoint.hf import HFCheckpoint
+    # from-hf writes what a tied model's state dict holds, so a strict load works.
+    from raytitan.checkpoint.hf import import_hf
+    from raytitan.models.llama3 import LLAMA3_FLAVORS
 
-    hf = HFCheckpoint(str(tmp_path / "hf"))
-    assert torch.equal(hf.get("output.weight", args), state["tok_embeddings.weight"])
+    LLAMA3_FLAVORS["tied-test"] = args
+    try:
+        step_url, _ = import_hf(str(tmp_path / "hf"), str(tmp_path / "back"), flavor="tied-test")
+    finally:
+        del LLAMA3_FLAVORS["tied-test"]
+    loaded = Llama3(args)
+    target = loaded.state_dict()
+    dcp.load({"model": target}, checkpoint_id=step_url)
+    for name, tensor in state.items():
+        assert torch.equal(target[name], tensor), name
