@@ -425,6 +425,19 @@ def read_tokenizer_files(path: str) -> dict[str, bytes]:
     return out
 
 
+def fill_from_hf(folder: str, model_parts: list[torch.nn.Module], args: Llama3Args) -> None:
+    """Fill every parameter of this rank's model parts from a local HF folder: each tensor
+    is read memory-mapped and this rank keeps its own shard (no communication, any mesh)."""
+    from raytitan.models.llama3.model import canonical_name
+    from raytitan.parallel.utils import fill_param
+
+    hf = HFCheckpoint(folder)
+    for part in model_parts:
+        for name, param in part.named_parameters():
+            full = hf.get(canonical_name(name), args)
+            fill_param(param, full.to(device=param.device, dtype=param.dtype))
+
+
 def resolve_step_url(out: str) -> str:
     """A step directory as given, or <out>/step-0 for any other folder."""
     try:

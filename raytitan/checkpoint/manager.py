@@ -208,6 +208,20 @@ class CheckpointManager:
             raise value
         return value
 
+    def _on_every_rank(self, fn: Callable[[], Any], what: str) -> list[Any]:
+        """Run fn on every rank and return every rank's result, or raise all ranks' errors
+        on every rank (so none is left waiting in a later collective)."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (result, error), group=self.ctrl)
+        if errors := [e for _, e in gathered if e]:
+            raise CheckpointError(f"{what} failed: {'; '.join(errors)}")
+        return [r for r, _ in gathered]
+
     # -- saving -------------------------------------------------------------------------
 
     def should_save(self, step: int, last_step: int) -> bool:
@@ -376,37 +390,30 @@ class CheckpointManager:
         from raytitan.checkpoint.hf import HFExport
 
         url = self.storage.step_url(step)
-        start = time.perf_counter()
-        mine: dict[str, dict] = {}
-        error = None
-        try:
+        what, start, plan = f"HF export of {url}", time.perf_counter(), []
+
+        def share() -> dict[str, dict]:
             self._model_args()  # a Llama-3 with a known flavor
             # The flavor's args (max_position_embeddings is the flavor's, not seq_len).
-            export = HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
-                                   flavor=self.flavor, dtype=self.cfg.export_dtype,
-                                   committed=False)
-            mine = {f"{HF_DIR}/{name}": entry for name, entry in
-                    export.write_shards(self.rank, self.world_size).items()}
-        except Exception as e:  # raised on every rank below
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (mine, error), group=self.ctrl)
-        errors = [e for _, e in gathered if e]
-        if errors:
-            raise CheckpointError(f"HF export of {url} failed: {'; '.join(errors)}")
+            plan.append(HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
+                                      flavor=self.flavor, dtype=self.cfg.export_dtype,
+                                      committed=False))
+            return {f"{HF_DIR}/{name}": entry for name, entry in
+                    plan[0].write_shards(self.rank, self.world_size).items()}
 
         def rest() -> dict[str, dict]:
             tokenizer = {name.removeprefix("tokenizer/"): data
                          for name, data in self._files().items()
                          if name.startswith("tokenizer/")}
             return {f"{HF_DIR}/{name}": entry
-                    for name, entry in export.write_rest(tokenizer).items()}
+                    for name, entry in plan[0].write_rest(tokenizer).items()}
 
-        written = {name: entry for files, _ in gathered for name, entry in files.items()}
+        written = {name: entry for files in self._on_every_rank(share, what)
+                   for name, entry in files.items()}
         try:
             written.update(self._on_rank0(rest))
         except CheckpointError as e:
-            raise CheckpointError(f"HF export of {url} failed: {e}") from e
+            raise CheckpointError(f"{what} failed: {e}") from e
         logger.info("checkpoint: exported %s/%s (Hugging Face, %s, %d files) in %.2f s", url,
                     HF_DIR, self.cfg.export_dtype, len(written), time.perf_counter() - start)
         return written
@@ -648,27 +655,12 @@ class CheckpointManager:
         return args
 
     def _load_hf(self, folder: str) -> LoadResult:
-        """Fill every parameter of this rank's model parts from an HF folder (checked by
-        `_choose`): each rank reads each tensor memory-mapped and keeps its own shard."""
-        from raytitan.checkpoint.hf import HFCheckpoint
-        from raytitan.models.llama3.model import canonical_name
-        from raytitan.parallel.utils import fill_param
+        """Fill this rank's model parts from an HF folder (checked by `_choose`)."""
+        from raytitan.checkpoint.hf import fill_from_hf
 
         start = time.perf_counter()
-        error = None
-        try:
-            hf, args = HFCheckpoint(folder), self._model_args()
-            for part in self.model_parts:
-                for name, param in part.named_parameters():
-                    full = hf.get(canonical_name(name), args)
-                    fill_param(param, full.to(device=param.device, dtype=param.dtype))
-        except Exception as e:  # raised on every rank below
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, error, group=self.ctrl)
-        if errors := [e for e in gathered if e]:
-            raise CheckpointError(f"loading Hugging Face weights from {folder} failed: "
-                                  f"{'; '.join(errors)}")
+        self._on_every_rank(lambda: fill_from_hf(folder, self.model_parts, self._model_args()),
+                            f"loading Hugging Face weights from {folder}")
         logger.info("checkpoint: loaded the model from Hugging Face folder %s in %.2f s",
                     folder, time.perf_counter() - start)
         return LoadResult(0, folder, ["model"], [], [])
