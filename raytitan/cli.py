@@ -8,6 +8,7 @@ import sys
 
 from raytitan.checkpoint.storage import CheckpointError
 from raytitan.config import ConfigError, load_job_config
+from raytitan.config.job_config import EXPORT_DTYPES
 from raytitan.config.manager import help_text
 from raytitan.metrics import init_logging
 
@@ -124,7 +125,7 @@ def _convert(argv: list[str]) -> int:
                                    "then uploaded)")
     to_hf.add_argument("--flavor", default=None,
                        help="model flavor (default: the one the step records)")
-    to_hf.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    to_hf.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                        help="dtype of the weights (default: as stored)")
     to_hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                        help="largest safetensors file, in GB (default 5, as transformers)")
@@ -136,7 +137,7 @@ def _convert(argv: list[str]) -> int:
     from_hf.add_argument("out", help="step directory <folder>/step-<N> to create, or a "
                                      "folder (then <folder>/step-0)")
     from_hf.add_argument("--flavor", required=True, help="the raytitan flavor it is")
-    from_hf.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    from_hf.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                          help="dtype to store (default: as in the HF files)")
     to_torch = sub.add_parser("to-torch", help="step directory -> one torch.save file")
     to_torch.add_argument("step_dir", help="a step directory (local or s3://)")
@@ -144,7 +145,7 @@ def _convert(argv: list[str]) -> int:
     to_torch.add_argument("--full", action="store_true",
                           help="everything (optimizer, train state, ...) nested by key, as "
                                "dcp_to_torch writes; default: the model only, flat")
-    to_torch.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    to_torch.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                           help="dtype of the model's tensors (default: as stored)")
     for p in (to_hf, from_hf, to_torch):
         p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",

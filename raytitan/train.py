@@ -187,7 +187,8 @@ class Trainer:
             if ckpt.initial_load_in_hf:
                 ckpt = dataclasses.replace(
                     ckpt, initial_load_path=ckpt.initial_load_path or cfg.model.hf_assets_path)
-                _check_hf_tokenizer(ckpt.initial_load_path, manifest)
+                if self.rank == 0:
+                    _check_hf_tokenizer(ckpt.initial_load_path, manifest)
             self.checkpointer = CheckpointManager(
                 ckpt,
                 storage=self.storage,

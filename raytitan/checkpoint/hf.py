@@ -27,7 +27,6 @@ import posixpath
 import tempfile
 import tomllib
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,9 +42,13 @@ from raytitan.checkpoint.storage import (
     CheckpointStorage,
     StepWriter,
     _is_local,
+    crc32,
+    file_crc,
     split_step_dir,
     step_reader,
+    write_bytes,
 )
+from raytitan.config.job_config import EXPORT_DTYPES
 from raytitan.data.tokenizer import BOS, EOS
 from raytitan.models.llama3.hf import (
     check_hf_config,
@@ -64,8 +67,6 @@ logger = logging.getLogger("raytitan")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-DTYPES = ("float32", "bfloat16", "float16")
-_CHUNK = 8 << 20
 
 
 @contextlib.contextmanager
@@ -77,8 +78,8 @@ def _single_process():
 
 
 def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not valid; choose one of {list(DTYPES)}")
+    if name not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {name!r} is not valid; choose one of {list(EXPORT_DTYPES)}")
     return getattr(torch, name)
 
 
@@ -89,7 +90,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # -- reading a step's model ---------------------------------------------------------------
 
 
-def check_committed(step_url: str, options: dict) -> None:
+def check_committed(step_url: str, options: dict) -> dict:
     """Raise CheckpointError unless `step_url` is a committed step with every file whole
     (present, of the recorded size): an interrupted save is never converted."""
     parent, step = split_step_dir(step_url)
@@ -101,6 +102,7 @@ def check_committed(step_url: str, options: dict) -> None:
             f"save?); committed steps in {parent}: {storage.committed_steps() or 'none'}")
     if problems := storage.check_sizes(step, commit):
         raise CheckpointError(f"{step_url} is damaged: {'; '.join(problems[:5])}")
+    return commit
 
 
 def model_entries(step_url: str, options: dict) -> dict[str, TensorStorageMetadata]:
@@ -122,13 +124,15 @@ def read_model_tensors(step_url: str, options: dict, entries: dict[str, TensorSt
 
 
 def step_model_args(step_url: str, options: dict, entries: dict[str, TensorStorageMetadata],
-                    flavor: str | None = None) -> tuple[Llama3Args, str]:
-    """The model args of a step: its flavor (given, else from COMMIT.json or run_config.toml)
-    with the vocabulary its embedding has; every stored shape is checked against them."""
+                    flavor: str | None = None, commit: dict | None = None
+                    ) -> tuple[Llama3Args, str]:
+    """The model args of a step: its flavor (given, else from its `commit` manifest or
+    run_config.toml) with the vocabulary its embedding has; every stored shape is checked
+    against them."""
     parent, step = split_step_dir(step_url)
     storage = CheckpointStorage(parent, options)
     if flavor is None:
-        flavor = (storage.read_commit(step) or {}).get("flavor")
+        flavor = (commit or {}).get("flavor")
     if flavor is None:
         try:
             with storage.fs.open(storage.step_path(step, "run_config.toml"), "rb") as f:
@@ -158,14 +162,6 @@ def step_model_args(step_url: str, options: dict, entries: dict[str, TensorStora
 # -- writing files to a local or remote folder --------------------------------------------
 
 
-def _file_crc(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 class _Folder:
     """A destination folder: local files are written in place and fsync'd; remote ones are
     written to a local temp folder, then uploaded and deleted."""
@@ -184,19 +180,18 @@ class _Folder:
             write(path)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            return {"size": os.path.getsize(path), "crc32": _file_crc(path)}
+            return {"size": os.path.getsize(path), "crc32": file_crc(self.fs, path)}
         with tempfile.TemporaryDirectory(prefix="raytitan-export-") as tmp:
             path = os.path.join(tmp, name)
             write(path)
-            entry = {"size": os.path.getsize(path), "crc32": _file_crc(path)}
+            entry = {"size": os.path.getsize(path), "crc32": file_crc(fsspec.filesystem("file"),
+                                                                      path)}
             self.fs.put_file(path, f"{self.root}/{name}")
         return entry
 
     def put_bytes(self, name: str, data: bytes) -> dict:
-        def write(path: str) -> None:
-            with open(path, "wb") as f:
-                f.write(data)
-        return self.put(name, write)
+        write_bytes(self.fs, f"{self.root}/{name}", data)
+        return {"size": len(data), "crc32": crc32(data)}
 
     def is_empty(self) -> bool:
         self.fs.invalidate_cache(self.root)
@@ -237,11 +232,10 @@ class HFExport:
         """`committed`: the step must be committed and whole (False while the final save
         of a run is being committed with its export)."""
         options = options or {}
-        if committed:
-            check_committed(step_url, options)
+        commit = check_committed(step_url, options) if committed else None
         entries = model_entries(step_url, options)
         if args is None:
-            args, _ = step_model_args(step_url, options, entries, flavor)
+            args, _ = step_model_args(step_url, options, entries, flavor, commit)
         names = param_names(args)
         missing = [name for name in names if name not in entries]
         if missing:

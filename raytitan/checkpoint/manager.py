@@ -366,7 +366,7 @@ class CheckpointManager:
                                                  *(["rng"] if self.cfg.save_rng else [])]
             fields = {"model_only": model_only, "dtype": dtype, "keys": keys,
                       "world_size": self.world_size, **self.run_info}
-            if written and any(name.startswith(f"{HF_DIR}/") for name in written):
+            if written:  # the HF export's files
                 fields["hf"] = HF_DIR
             manifest, steps = self.storage.commit_step(
                 step, fields, files=self._files(), written=written,

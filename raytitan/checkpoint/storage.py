@@ -153,16 +153,7 @@ class CheckpointStorage:
     # -- writing ------------------------------------------------------------------------
 
     def write_file(self, step: int, relpath: str, data: bytes) -> None:
-        path = self.step_path(step, relpath)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if not self.is_local:
-            self.fs.pipe_file(path, data)
-            return
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(os.path.dirname(path))
+        write_bytes(self.fs, self.step_path(step, relpath), data)
 
     def step_exists(self, step: int) -> bool:
         self.fs.invalidate_cache(self.root)
@@ -263,13 +254,33 @@ class CheckpointStorage:
             want = commit["files"][name].get("crc32")
             if want is None:
                 continue
-            crc = 0
-            with self.fs.open(self.step_path(step, name), "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
+            crc = file_crc(self.fs, self.step_path(step, name))
             if crc != want:
                 problems.append(f"{name} has CRC32 {crc:08x}, the commit recorded {want:08x}")
         return problems
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    """Write a whole file: one PUT on object stores; on local disk, durably (the file and
+    its directory entry fsync'd)."""
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(os.path.dirname(path))
+
+
+def file_crc(fs, path: str) -> int:
+    """CRC32 of a file, read in chunks."""
+    crc = 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _fsync_file(path: str) -> None:

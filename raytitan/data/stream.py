@@ -53,8 +53,7 @@ class _Prefetch:
 
     def close(self, *, wait: bool = False) -> None:
         """Stop reading ahead: the thread exits after its current item and closes the
-        underlying iterator. `wait`: until it has (at exit: a daemon thread still inside
-        pyarrow when the interpreter shuts down aborts the process)."""
+        underlying iterator. `wait`: until it has (so no reader outlives training)."""
         self._stop.set()
         # Unblock a pending put. NOTE: puts block without a timeout on purpose: a thread
         # that polls wakes up for the GIL and slowed training steps by ~8% (measured).

@@ -15,7 +15,7 @@ import math
 import torch
 
 from raytitan.models.llama3 import LLAMA3_FLAVORS
-from raytitan.models.llama3.model import Llama3Args, RopeScaling
+from raytitan.models.llama3.model import Llama3, Llama3Args, RopeScaling
 
 # Per-layer names: raytitan suffix -> HF suffix (prefixes `layers.<i>.` / `model.layers.<i>.`).
 _LAYER_NAMES = {
@@ -59,36 +59,17 @@ def from_hf_name(hf_name: str) -> str | None:
     return None
 
 
-def param_names(args: Llama3Args) -> list[str]:
-    """raytitan's parameter names in model order (a tied output shares the embedding)."""
-    names = ["tok_embeddings.weight"]
-    for i in range(args.n_layers):
-        names += [f"layers.{i}.{suffix}" for suffix in _LAYER_NAMES]
-    names.append("norm.weight")
-    if not args.tie_word_embeddings:
-        names.append("output.weight")
-    return names
-
-
 def param_shapes(args: Llama3Args) -> dict[str, tuple[int, ...]]:
-    """Every parameter's full shape, computed from the args (no model needed)."""
-    q, kv, f = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    layer = {
-        "attention.wq.weight": (q, args.dim), "attention.wk.weight": (kv, args.dim),
-        "attention.wv.weight": (kv, args.dim), "attention.wo.weight": (args.dim, q),
-        "feed_forward.w1.weight": (f, args.dim), "feed_forward.w2.weight": (args.dim, f),
-        "feed_forward.w3.weight": (f, args.dim),
-        "attention_norm.weight": (args.dim,), "ffn_norm.weight": (args.dim,),
-    }
-    shapes = {}
-    for name in param_names(args):
-        if name.startswith("layers."):
-            shapes[name] = layer[name.split(".", 2)[2]]
-        elif name == "norm.weight":
-            shapes[name] = (args.dim,)
-        else:
-            shapes[name] = (args.vocab_size, args.dim)
-    return shapes
+    """Every parameter's full shape, in model order, from the model built on the meta
+    device (a tied output shares the embedding, so it is not listed)."""
+    with torch.device("meta"):
+        model = Llama3(args)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def param_names(args: Llama3Args) -> list[str]:
+    """raytitan's parameter names in model order."""
+    return list(param_shapes(args))
 
 
 def _rope_heads(name: str, args: Llama3Args) -> int | None:
