@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from raytitan.checkpoint.storage import CheckpointError
@@ -194,9 +195,50 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     try:
         sys.exit(commands[argv[0]](argv[1:]))
-    except (ConfigError, ValueError, OSError, KeyError, CheckpointError) as e:
-        print(f"raytitan {argv[0]}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, ValueError, KeyError, CheckpointError) as e:
+        message = str(e)
+    except OSError as e:
+        # s3fs turns NoSuchBucket, AccessDenied, ... into OSErrors without a path
+        message = str(e) if e.filename else _storage_error_message(e, argv[1:])
+    except _storage_errors() as e:
+        message = _storage_error_message(e, argv[1:])
+    print(f"raytitan {argv[0]}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _storage_errors() -> tuple[type[Exception], ...]:
+    """What the object store clients raise that is not an OSError: botocore's connection,
+    credential and (untranslated) HTTP errors, aiohttp's (fsspec's http filesystem)."""
+    import aiohttp
+    import botocore.exceptions
+
+    return botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, aiohttp.ClientError
+
+
+def _storage_error_message(e: Exception, argv: list[str]) -> str:
+    """'<the URLs on the command line>: <cause>; <what to check>'. The clients' messages
+    name the request (an endpoint URL, a bucket) but not the path the user gave."""
+    import aiohttp
+    import botocore.exceptions as boto
+
+    code = ((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", "")
+    if isinstance(e, (boto.ConnectionError, boto.HTTPClientError, aiohttp.ClientConnectionError,
+                      ConnectionError, TimeoutError)):
+        hint = ("cannot reach the storage endpoint: check that it is up and that endpoint_url "
+                "(--storage-option, checkpoint.storage_options or AWS_ENDPOINT_URL) names it")
+    elif isinstance(e, (boto.NoCredentialsError, boto.PartialCredentialsError)):
+        hint = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    elif isinstance(e, PermissionError) or code in ("AccessDenied", "403", "Forbidden"):
+        hint = "check the credentials and that they may access this bucket"
+    elif isinstance(e, FileNotFoundError) or code in ("NoSuchBucket", "NoSuchKey", "404"):
+        hint = "check the bucket name and the path (and endpoint_url, if set)"
+    else:
+        hint = ""
+    # "s3://b/run" or "--checkpoint.folder=s3://b/run"; not "endpoint_url=http://..."
+    urls = [m.group(2) for arg in argv
+            if (m := re.match(r"(--[\w.]+=)?([a-z][a-z0-9+.-]*://.+)$", arg))]
+    cause = str(e) or type(e).__name__
+    return (f"{', '.join(urls)}: " if urls else "") + cause + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,35 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def read_records(path: str) -> list[dict]:
+    """The records of a metrics.jsonl, in file order.
+
+    An unparsable last line is a record torn by a crash while it was written: it is dropped
+    with a warning. An unparsable line anywhere else is damage this code did not make.
+
+    Raises:
+        ValueError: a line before the last is not a JSON object with a "step".
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except ValueError as e:
+            if number == len(lines):
+                logger.warning("%s line %d is incomplete (a crash while writing it?): "
+                               "dropped: %.80r", path, number, line)
+                break
+            raise ValueError(
+                f"{path} line {number} is not a metrics record ({e}): {line[:80]!r}; fix or "
+                "delete that line, or delete the file to start it afresh") from None
+        records.append(record)
+    return records
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to <dump_folder>/metrics.jsonl (rank 0 only)."""
 
@@ -73,8 +102,8 @@ class MetricsLogger:
         # resumed from (later ones are about to be recomputed) and appends.
         kept = []
         if resume_step and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(record) + "\n" for record in read_records(self.path)
+                    if record["step"] <= resume_step]
         self._jsonl = open(self.path, "w", buffering=1)
         self._jsonl.writelines(kept)
         if cfg.enable_tensorboard:

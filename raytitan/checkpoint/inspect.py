@@ -9,6 +9,7 @@ import warnings
 from raytitan.checkpoint.storage import (
     COMMIT_FILE,
     FORMAT,
+    CheckpointError,
     CheckpointStorage,
     latest_full,
     parse_storage_options,
@@ -17,12 +18,28 @@ from raytitan.checkpoint.storage import (
 )
 
 
+def _check_step_exists(storage: CheckpointStorage, step: int, step_dir: str) -> None:
+    """Raise a CheckpointError naming the steps there are if `step_dir` does not exist."""
+    if storage.step_exists(step):
+        return
+    steps = [s.step for s in storage.list_steps()]
+    raise CheckpointError(f"{step_dir} does not exist; step directories in {storage.url}: "
+                          f"{steps or 'none'} (raytitan ckpt ls {storage.url})")
+
+
 def ls(folder: str, options: list[str]) -> str:
     """One line per step directory: committed or not, size, mesh, time; and which step a run
-    would resume from."""
+    would resume from.
+
+    Raises:
+        CheckpointError: `folder` does not exist (an empty folder lists no steps).
+    """
     storage = CheckpointStorage(folder, parse_storage_options(options))
     steps = storage.list_steps()
     if not steps:
+        if not storage.fs.exists(storage.root):
+            raise CheckpointError(f"{folder} does not exist (ls takes a run folder, "
+                                  "<checkpoint.folder>/<job.name>)")
         return f"{folder}: no step directories"
     latest = latest_full(steps)
     lines = [f"{'step':>8}  {'state':<11} {'size MB':>9}  {'world':>5}  {'mesh':<24} "
@@ -50,13 +67,19 @@ def ls(folder: str, options: list[str]) -> str:
 
 
 def show(step_dir: str, options: list[str]) -> str:
-    """Commit manifest, train state, data position, run config and every key's shape/dtype."""
+    """Commit manifest, train state, data position, run config and every key's shape/dtype.
+
+    Raises:
+        CheckpointError: `step_dir` does not exist.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     parent, step = split_step_dir(step_dir)
     storage = CheckpointStorage(parent, parse_storage_options(options))
     commit = storage.read_commit(step)
+    if commit is None:
+        _check_step_exists(storage, step, step_dir)
     lines = [f"{storage.step_url(step)}: " + (
         "committed" if commit else "NOT COMMITTED (an interrupted save; never loaded)")]
     if commit:
@@ -103,12 +126,17 @@ def show(step_dir: str, options: list[str]) -> str:
 
 
 def verify(step_dir: str, options: list[str]) -> tuple[bool, str]:
-    """Check the commit manifest, every file's size and (where recorded) CRC32."""
+    """Check the commit manifest, every file's size and (where recorded) CRC32.
+
+    Raises:
+        CheckpointError: `step_dir` does not exist (an uncommitted one is (False, why)).
+    """
     parent, step = split_step_dir(step_dir)
     storage = CheckpointStorage(parent, parse_storage_options(options))
     url = storage.step_url(step)
     commit = storage.read_commit(step)
     if commit is None:
+        _check_step_exists(storage, step, step_dir)
         return False, f"{url}: no readable {COMMIT_FILE}: not a committed step"
     if commit.get("format") != FORMAT:
         return False, f"{url}: format {commit.get('format')!r}, expected {FORMAT!r}"

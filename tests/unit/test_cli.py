@@ -33,7 +33,8 @@ def test_bad_config_exits_2_with_the_message():
     proc = raytitan("train", "--config", "jobs/debug.toml", "--dry-run",
                     "--parallelism.tensor_parallel_degree", "3")
     assert proc.returncode == 2
-    assert "world size 2 is not divisible by dp_replicate(1) * tp(3) * pp(1) = 3" in proc.stderr
+    assert ("parallelism.data_parallel_replicate_degree (1) * tensor_parallel_degree (3) * "
+            "pipeline_parallel_degree (1) = 3 must divide world size 2") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -79,8 +79,19 @@ def test_bad_toml_types_and_keys(tmp_path):
     [
         (["--parallelism.tensor_parallel_degree", "2",
           "--parallelism.data_parallel_shard_degree", "3"], 4,
-         "dp_replicate(1) * dp_shard(3) * tp(2) * pp(1) = 6 != world size 4"),
-        (["--parallelism.tensor_parallel_degree", "3"], 4, "world size 4 is not divisible"),
+         "parallelism.data_parallel_replicate_degree (1) * data_parallel_shard_degree (3) * "
+         "tensor_parallel_degree (2) * pipeline_parallel_degree (1) = 6 != world size 4"),
+        (["--parallelism.tensor_parallel_degree", "2",
+          "--parallelism.data_parallel_shard_degree", "3"], 4,
+         "valid data_parallel_shard_degree values for world size 4: [-1, 2]"),
+        (["--parallelism.tensor_parallel_degree", "3"], 4,
+         "parallelism.data_parallel_replicate_degree (1) * tensor_parallel_degree (3) * "
+         "pipeline_parallel_degree (1) = 3 must divide world size 4"),
+        (["--parallelism.tensor_parallel_degree", "3"], 4,
+         "valid tensor_parallel_degree values for world size 4: [1, 2, 4]"),
+        (["--parallelism.tensor_parallel_degree", "2",
+          "--parallelism.pipeline_parallel_degree", "3"], 4,
+         "valid pipeline_parallel_degree values for world size 4: [1, 2]"),
         (["--parallelism.tensor_parallel_degree", "16", "--model.flavor", "8B"], 16,
          "n_kv_heads (8) is not divisible by tensor_parallel_degree (16)"),
         (["--parallelism.pipeline_parallel_degree", "8"], 8,
@@ -127,6 +138,14 @@ def test_help_lists_every_field_with_its_docstring():
 def test_every_shipped_job_parses_and_fits_its_world(path):
     cfg = load_job_config(str(path))
     build_plan(cfg, cfg.ray.num_workers)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", " run", "\trun"])
+def test_job_name_must_be_one_folder_name(name):
+    """job.name is a folder under checkpoint.folder: '..' would put steps outside it."""
+    with pytest.raises(ConfigError) as e:
+        load_job_config(None, ["--job.name", name])
+    assert f"job.name = {name!r}" in str(e.value) and "'..'" in str(e.value)
 
 
 def test_parse_cli_overrides_lists():
