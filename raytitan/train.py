@@ -11,7 +11,9 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raytitan.checkpoint import CheckpointError, CheckpointManager, build_checkpoint_storage
+from raytitan.checkpoint.folder import check_folder_hosts, open_folder
 from raytitan.checkpoint.manager import TOKENIZER_FILES
 from raytitan.config import ConfigError, JobConfig, load_job_config, redacted, to_toml
 from raytitan.data import resolve_dataset
@@ -32,11 +35,16 @@ from raytitan.models.llama3.parallelize import parallelize_llama3
 from raytitan.models.llama3.pipeline import build_pipeline_schedule, split_into_stages
 from raytitan.parallel.utils import clip_grad_norm_, fill_param
 from raytitan.plan import build_plan
+from raytitan.resume import check_resume_config
 
 logger = logging.getLogger("raytitan")
 
 # Called with (metrics, checkpoint_dir or None) on every rank; the launcher's sends to Ray.
 ReportFn = Callable[[dict, "str | None"], None]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite (training.on_nonfinite = stop)."""
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -142,6 +150,31 @@ class Trainer:
         dist.broadcast_object_list(dataset_box, src=0)
         manifest = Manifest.load(dataset_box[0])
 
+        ckpt = cfg.checkpoint
+        if ckpt.create_seed_checkpoint and (world_size != 1 or not ckpt.enable):
+            raise ConfigError(
+                "checkpoint.create_seed_checkpoint builds the model in one process: it needs "
+                f"checkpoint.enable = true and a world size of 1 (got enable = {ckpt.enable}, "
+                f"world size {world_size})")
+        hosts: list[str] = [""] * world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        self.storage = self.folder = None
+        if ckpt.enable:
+            # Before anything is built: a storage problem, another run in the folder or a
+            # config that cannot resume fails now, and nothing is written until it is clear.
+            self.storage = build_checkpoint_storage(ckpt, cfg.job.dump_folder, cfg.job.name)
+            check_folder_hosts(self.storage, hosts, shared=ckpt.shared_filesystem)
+            reported = (int(reported_checkpoint.rsplit("-", 1)[1])
+                        if reported_checkpoint else None)
+            self.folder = open_folder(ckpt, self.storage, job=cfg.job.name,
+                                      reported_step=reported)
+            choice = self.folder.choice
+            if choice.step is not None and not ckpt.create_seed_checkpoint:
+                cfg = self.cfg = check_resume_config(
+                    cfg, saved=self.folder.saved_config, commit=choice.commit,
+                    world_size=world_size,
+                    model_loaded="model" not in ckpt.exclude_from_loading)
+
         self.plan = build_plan(cfg, world_size, vocab_size=manifest.vocab_size)
         if manifest.vocab_size > self.plan.model_args.vocab_size:
             raise ValueError(
@@ -151,6 +184,8 @@ class Trainer:
         dims = self.plan.parallel_dims
         self.mesh = dims.build_mesh(self.device.type)
         logger.info("%s", self.plan.describe())
+        if dims.tp > 1:
+            _check_tp_within_nodes(self.mesh["tp"], hosts)
         self.stream = TokenStream(
             manifest,
             seq_len=t.seq_len,
@@ -160,14 +195,6 @@ class Trainer:
             global_batch_size=self.plan.global_batch_size,
             read_shards=read_shards,
         )
-        ckpt = cfg.checkpoint
-        if ckpt.create_seed_checkpoint and (world_size != 1 or not ckpt.enable):
-            raise ConfigError(
-                "checkpoint.create_seed_checkpoint builds the model in one process: it needs "
-                f"checkpoint.enable = true and a world size of 1 (got enable = {ckpt.enable}, "
-                f"world size {world_size})")
-        self.storage = (build_checkpoint_storage(ckpt, cfg.job.dump_folder, cfg.job.name)
-                        if ckpt.enable else None)
         if self.storage is None or ckpt.create_seed_checkpoint:
             self.stream.start()  # nothing to resume: the first shard loads during the build
         self._build_model()
@@ -181,6 +208,7 @@ class Trainer:
         self.lr_schedule = LRSchedule(t)
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0
         self._last_metrics: dict = {}
         self.checkpointer = None
         if self.storage is not None:
@@ -197,15 +225,19 @@ class Trainer:
                 states={"lr_scheduler": self.lr_schedule, "train_state": self,
                         "dataloader": self.stream},
                 run_info={"mesh": dims.mesh_shape(), "job": cfg.job.name,
-                          "flavor": cfg.model.flavor},
+                          "flavor": cfg.model.flavor,
+                          "global_batch_size": self.plan.global_batch_size},
                 files=lambda: self._checkpoint_files(manifest),
                 on_commit=self._on_commit,
                 retention=not external_retention,
+                folder=self.folder,
             )
+        self.loaded = None
+        """What the run resumed from (a LoadResult), or None for a fresh start."""
         if self.checkpointer is not None and not ckpt.create_seed_checkpoint:
-            reported = (int(reported_checkpoint.rsplit("-", 1)[1])
-                        if reported_checkpoint else None)
-            self.checkpointer.load(reported_step=reported)  # sets step, stream position, ...
+            self.loaded = self.checkpointer.load()  # sets step, stream position, ...
+            if self.loaded is not None:
+                self._report_loaded(self.loaded)
             self.stream.start()
         self.metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, cfg.job.name,
                                      enabled=self.rank == 0, resume_step=self.step)
@@ -231,6 +263,15 @@ class Trainer:
                 if fs.exists(f"{root}/{name}"):
                     files[f"tokenizer/{name}"] = fs.cat_file(f"{root}/{name}")
         return files
+
+    def _report_loaded(self, loaded) -> None:
+        logger.info("resumed from %s: step %d, %s loaded", loaded.path, self.step,
+                    ", ".join(loaded.keys))
+        if loaded.unexpected or loaded.missing:  # dist_ckpt_strictness = log_* / return_*
+            logger.warning("checkpoint: %d key(s) this run has are absent from %s and keep "
+                           "their initial values (e.g. %s); %d key(s) of it were not loaded "
+                           "(e.g. %s)", len(loaded.unexpected), loaded.path,
+                           loaded.unexpected[:3], len(loaded.missing), loaded.missing[:3])
 
     def _on_commit(self, step: int, name: str) -> None:
         if self.report is not None:
@@ -307,8 +348,18 @@ class Trainer:
         grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_mesh)
         if self.checkpointer is not None:
             self.checkpointer.wait_for_staging()  # a background copy must not see this step
+        # NOTE: "skip" needs the norm on the host every step (a device sync); "stop" checks
+        # it at log steps, and every save checks the weights themselves.
+        skip = (self.cfg.training.on_nonfinite == "skip"
+                and not math.isfinite(grad_norm.item()))
+        if skip:
+            self.skipped_steps += 1
+            logger.warning("step %d: gradient norm %s: optimizer step skipped (%d so far; "
+                           "training.on_nonfinite = skip)", self.step, grad_norm.item(),
+                           self.skipped_steps)
         for optimizer in self.optimizers:
-            optimizer.step()
+            if not skip:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
@@ -353,6 +404,9 @@ class Trainer:
                 last = self._log(loss, grad_norm, lr, elapsed, window_steps, window_wait)
                 self._last_metrics = last
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+                if cfg.on_nonfinite == "stop" and not (math.isfinite(last["loss"])
+                                                       and math.isfinite(last["grad_norm"])):
+                    self._stop_nonfinite(last)
             if ckpt is not None and ckpt.should_save(self.step, cfg.steps):
                 final_saved = self.step == cfg.steps  # its commit reports the final metrics
                 ckpt.save(self.step, final=final_saved)
@@ -363,6 +417,19 @@ class Trainer:
             self.report(last, None)
         self.metrics.close()
         return last
+
+    def _stop_nonfinite(self, last: dict) -> None:
+        """Every rank sees the same global loss and norm, so every rank stops here."""
+        ckpt = self.checkpointer
+        if ckpt is not None:
+            ckpt.close()  # an in-flight save of an earlier, finite step still commits
+        newest = (self.storage.step_url(ckpt.last_committed) if ckpt and ckpt.last_committed
+                  is not None else "none")
+        raise NonFiniteError(
+            f"step {self.step}: loss {last['loss']}, gradient norm {last['grad_norm']}: "
+            f"training diverged, so it stops here and commits nothing more (last committed "
+            f"step of this run: {newest}). Lower training.lr or resume from an earlier step; "
+            "training.on_nonfinite = skip skips such steps instead")
 
     def _log(self, loss, grad_norm, lr, elapsed, steps, wait) -> dict:
         step_time = elapsed / steps
@@ -386,8 +453,40 @@ class Trainer:
         return {"step": self.step, **values}
 
 
+def _check_tp_within_nodes(tp_mesh, hosts: list[str]) -> None:
+    """Tensor parallel exchanges activations every layer: a TP group spread over nodes runs
+    at network speed. Fail before training instead (every rank, the same error)."""
+    ranks = dist.get_process_group_ranks(tp_mesh.get_group())
+    groups: list = [None] * len(hosts)
+    dist.all_gather_object(groups, ranks)
+    spread = sorted({tuple(g) for g in groups if len({hosts[r] for r in g}) > 1})
+    if spread:
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {len(ranks)}: tensor parallel groups "
+            f"{[list(g) for g in spread[:3]]} span nodes "
+            f"{sorted({hosts[r] for r in spread[0]})}; use a degree that divides the "
+            "workers per node (Ray places a node's workers on consecutive ranks)")
+
+
+def _exit_when_orphaned(poll_sec: float = 1.0) -> None:
+    """Under torchrun: end this process when its agent dies (SIGKILL of the agent alone
+    would leave the ranks training and committing, unsupervised)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_sec)
+        logging.getLogger("raytitan").error("the torchrun agent (pid %d) is gone: this rank "
+                                            "stops now", parent)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="raytitan-orphan-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _exit_when_orphaned()
     config_path = None
     if argv[:1] == ["--config"]:
         if len(argv) < 2:
@@ -403,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.create_seed_checkpoint()
         else:
             trainer.train()
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, NonFiniteError) as e:
         logging.getLogger("raytitan").error("error: %s", e)
         sys.exit(f"error: {e}")
     dist.barrier()

@@ -41,12 +41,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+from raytitan.checkpoint.folder import OpenFolder, on_rank0, open_folder
 from raytitan.checkpoint.storage import (
-    FORMAT,
+    CHECKSUMS_FILE,
+    INTERRUPTED,
     CheckpointError,
     CheckpointStorage,
     StepInfo,
     StepWriter,
+    describe_error,
+    disk_full_note,
     in_commit_order,
     latest_full,
     parse_storage_options,
@@ -96,18 +100,6 @@ class _PendingSave:
     stall: float
 
 
-def _describe(error: BaseException) -> str:
-    """The per-rank causes inside DCP's CheckpointException, else the error itself."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        parts = []
-        for rank, failure in sorted(failures.items()):
-            cause = failure[0] if isinstance(failure, tuple) else failure
-            parts.append(f"rank {rank}: {type(cause).__name__}: {cause}")
-        return "; ".join(parts)
-    return f"{type(error).__name__}: {error}"
-
-
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -138,6 +130,7 @@ class CheckpointManager:
             (run_config.toml, tokenizer assets); called once, on rank 0, at the first commit.
         on_commit: called on every rank with (step, step directory name) after a commit.
         retention: delete steps beyond keep_latest_k here (False when Ray does it).
+        folder: the opened folder (open_folder); opened here (no Ray restart) if None.
     """
 
     def __init__(
@@ -152,6 +145,7 @@ class CheckpointManager:
         files: Callable[[], dict[str, bytes]] | None = None,
         on_commit: Callable[[int, str], None] | None = None,
         retention: bool = True,
+        folder: OpenFolder | None = None,
     ) -> None:
         self.cfg = cfg
         self.storage = storage
@@ -168,7 +162,11 @@ class CheckpointManager:
         # polls on `self.ctrl`: one gloo group used from two threads deadlocks (PLATFORM.md).
         self.pg = dist.new_group(backend="gloo")
         self.ctrl = dist.new_group(backend="gloo")
+        self.folder = folder or open_folder(cfg, storage, job=self.run_info.get("job", "?"),
+                                            group=self.ctrl)
         self._pending: _PendingSave | None = None
+        self.last_committed: int | None = self.folder.choice.step
+        """This folder's newest step committed by, or resumed by, this run."""
         # Staging buffers are allocated at the first save and reused by every later one
         # (safe: a save first waits for the previous persist to finish reading them).
         self._stager = None
@@ -193,20 +191,7 @@ class CheckpointManager:
     # -- collective helpers -------------------------------------------------------------
 
     def _on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on rank 0 and give every rank its result, or raise its error everywhere
-        (so no rank is left waiting in a collective)."""
-        box: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                box[0] = ("ok", fn())
-            except Exception as e:  # re-raised on every rank below
-                box[0] = ("error", e if isinstance(e, CheckpointError) else
-                          CheckpointError(f"{type(e).__name__}: {e}"))
-        dist.broadcast_object_list(box, src=0, group=self.ctrl)
-        kind, value = box[0]
-        if kind == "error":
-            raise value
-        return value
+        return on_rank0(fn, self.ctrl)
 
     def _on_every_rank(self, fn: Callable[[], Any], what: str) -> list[Any]:
         """Run fn on every rank and return every rank's result, or raise all ranks' errors
@@ -236,6 +221,7 @@ class CheckpointManager:
         model_only = model_only or export
         self.poll(wait=True)
         start = time.perf_counter()
+        self._check_finite(step)
         self._on_rank0(lambda: self._prepare_step_dir(step))
         dtype = self.cfg.export_dtype if export else "float32"
         state = self._state_for_save(model_only, dtype)
@@ -246,8 +232,7 @@ class CheckpointManager:
             try:
                 dcp.save(state, storage_writer=writer, process_group=self.pg)
             except (Exception, CheckpointException) as e:
-                raise CheckpointError(f"saving {self.storage.step_url(step)} failed: "
-                                      f"{_describe(e)}") from e
+                raise self._save_error(step, e) from e
             written, export_error = None, None
             if final and self.cfg.last_save_in_hf:
                 try:
@@ -315,30 +300,74 @@ class CheckpointManager:
         self._pending = None
         if int(flags[1]):
             error = pending.future.exception()
-            raise CheckpointError(
-                f"background save of {self.storage.step_url(pending.step)} failed on "
-                f"{int(flags[1])} rank(s)" + (f": {_describe(error)}" if error else "")
-            ) from error
+            raise self._save_error(pending.step, error, ranks=int(flags[1])) from error
         self.last_stall_sec = pending.stall
         self.last_save_sec = time.perf_counter() - pending.started
         self._commit(pending.step, pending.model_only, pending.dtype, self.last_save_sec)
 
     def close(self) -> None:
-        """Finish an in-flight save and release staging buffers."""
-        self.poll(wait=True)
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
+        """Finish an in-flight save, release staging buffers and the folder's lease."""
+        try:
+            self.poll(wait=True)
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            if self.folder.lease is not None:
+                self.folder.lease.release()
+
+    def _save_error(self, step: int, error: BaseException | None, ranks: int = 0
+                    ) -> CheckpointError:
+        """What failed, where, why (errno names, a full disk) and what is still safe."""
+        newest = latest_full(self.storage.list_steps(), self.folder.lineage) \
+            if self.rank == 0 else None
+        where = self.storage.step_url(step)
+        cause = describe_error(error) if error is not None else "unknown error"
+        note = disk_full_note(self.storage.root) if self.storage.is_local else ""
+        return CheckpointError(
+            f"{'background ' if ranks else ''}save of {where} failed"
+            f"{f' on {ranks} rank(s)' if ranks else ''}: {cause}.{note} It is not committed; "
+            f"the last committed step is "
+            f"{self.storage.step_url(newest.step) if newest else '(on rank 0) unchanged'}")
+
+    def _check_finite(self, step: int) -> None:
+        """Never commit NaN/inf weights: every rank checks its shards, all raise alike."""
+        from torch.distributed.tensor import DTensor
+
+        local = [p.to_local() if isinstance(p, DTensor) else p
+                 for part in self.model_parts for p in part.parameters()]
+        bad = torch.stack([~torch.isfinite(t).all() for t in local]).sum() if local else 0
+        flags = torch.tensor([int(bad)])
+        dist.all_reduce(flags, group=self.ctrl)
+        if int(flags[0]):
+            raise CheckpointError(
+                f"step {step}: the model holds non-finite (NaN/inf) weights ({int(flags[0])} "
+                f"tensors over all ranks), so it is not saved; the committed steps of "
+                f"{self.storage.url} are untouched (lower training.lr, or resume from one)")
 
     def _prepare_step_dir(self, step: int) -> None:
-        """Remove whatever a step directory of this name holds: the leftovers of a crashed
-        save, or a committed step of an abandoned timeline (a run resumed from an earlier
-        step). It is uncommitted first, so a crash now never leaves it half-replaced."""
+        """Make way for a save of `step` and record the intent (SAVING.json). This run's
+        own interrupted save of it is deleted; anything else there (a committed step of an
+        abandoned line, another run's step, a damaged directory) is moved to quarantine/,
+        never deleted."""
+        self._check_lease()
         if self.storage.step_exists(step):
-            if self.storage.read_commit(step) is not None:
-                logger.warning("checkpoint: replacing committed %s (this run resumed "
-                               "from an earlier step)", step_name(step))
-            self.storage.remove_step(step)
+            info = self.storage.step_info(step)
+            if info.state == INTERRUPTED and info.lineage == self.folder.lineage:
+                self.storage.remove_step(step)
+            else:
+                dest = self.storage.quarantine(step)
+                logger.warning("checkpoint: %s was in the way of this save (%s%s): moved to %s",
+                               self.storage.step_url(step), info.state,
+                               f": {info.problem}" if info.problem else "", dest)
+        self.storage.write_intent(step, {"lineage": self.folder.lineage,
+                                         "holder": self.folder.lease.holder
+                                         if self.folder.lease else None})
+
+    def _check_lease(self) -> None:
+        """Rank 0: raise if another run took the folder (then this run stops saving)."""
+        if self.folder.lease is not None:
+            self.folder.lease.check()
 
     def _state_for_save(self, model_only: bool, dtype_name: str) -> dict[str, Any]:
         model = self._merged_state("model")
@@ -365,7 +394,9 @@ class CheckpointManager:
                                                             else []), *self.states,
                                                  *(["rng"] if self.cfg.save_rng else [])]
             fields = {"model_only": model_only, "dtype": dtype, "keys": keys,
-                      "world_size": self.world_size, **self.run_info}
+                      "world_size": self.world_size, **self.run_info,
+                      "lineage": self.folder.lineage}
+            self._check_lease()
             if written:  # the HF export's files
                 fields["hf"] = HF_DIR
             manifest, steps = self.storage.commit_step(
@@ -375,6 +406,7 @@ class CheckpointManager:
             return sum(entry["size"] for entry in manifest["files"].values())
 
         total = self._on_rank0(commit)
+        self.last_committed = step
         logger.info("checkpoint: committed %s (%.1f MB) in %.2f s (%.0f MB/s; training "
                     "blocked %.3f s)", self.storage.step_url(step), total / 1e6, seconds,
                     total / 1e6 / max(seconds, 1e-9), self.last_stall_sec)
@@ -424,19 +456,15 @@ class CheckpointManager:
             self.storage.fs.rm(path, recursive=True)
 
     def _clean(self, steps: list[StepInfo], *, retain: bool) -> None:
-        """Rank 0, with no save in flight, given the folder's `steps`: delete uncommitted
-        leftovers, and (`retain`) the oldest commits beyond keep_latest_k, never the newest
-        one nor the newest full-state one (a model-only export cannot be resumed from)."""
-        for info in steps:
-            if not info.committed:
-                logger.info("checkpoint: removing uncommitted %s (an interrupted save)",
-                            step_name(info.step))
-                self.storage.remove_step(info.step)
+        """Rank 0, after a commit, given the folder's `steps`: delete this run's oldest
+        commits beyond keep_latest_k, never the newest one nor the newest full-state one (a
+        model-only export cannot be resumed from), never another run's."""
         k = self.cfg.keep_latest_k
         if not (retain and self.retention and k > 0):
             return
-        newest_full = latest_full(steps)
-        for info in in_commit_order(steps)[:-k]:
+        lineage = self.folder.lineage
+        newest_full = latest_full(steps, lineage)
+        for info in in_commit_order(steps, lineage)[:-k]:
             if newest_full is None or info.step != newest_full.step:
                 logger.info("checkpoint: removing %s (keep_latest_k = %d)",
                             step_name(info.step), k)
@@ -462,16 +490,16 @@ class CheckpointManager:
 
     # -- loading ------------------------------------------------------------------------
 
-    def load(self, reported_step: int | None = None) -> LoadResult | None:
+    def load(self) -> LoadResult | None:
         """Load what this run should start from, or return None for a fresh start.
 
-        Precedence: `load_step` if set (unless Ray restarted this run: `reported_step` is
-        Ray's latest registered checkpoint); else the most recently committed full-state
-        step in the folder (a model-only step-0 seed if that is all there is); else
-        `initial_load_path`; else nothing (an error with exit_on_missing_checkpoint).
+        Precedence: the step chosen when the folder was opened (`load_step`, else the most
+        recently committed full-state step of this run, else a model-only step-0 seed; after
+        a Ray restart the newest step); else `initial_load_path`; else nothing (an error with
+        exit_on_missing_checkpoint, or when the folder holds directories that may be this
+        run's progress but cannot be loaded).
         """
-        url, step, commit, model_only, others = self._on_rank0(
-            lambda: self._choose(reported_step))
+        url, step, commit, model_only, others = self._on_rank0(self._choose)
         if url is None:
             return None
         if commit is None:  # a Hugging Face folder (initial_load_in_hf)
@@ -480,46 +508,21 @@ class CheckpointManager:
                    else CheckpointStorage(url, self.storage.options))
         return self._load(storage, step, commit, model_only, others)
 
-    def _choose(self, reported_step: int | None):
-        cfg = self.cfg
-        steps = self.storage.list_steps()
-        if not cfg.load_only:
-            self._clean(steps, retain=False)
-        committed = {s.step: s.commit for s in steps if s.committed}
-        where = self.storage.url
-        step = None
-        if cfg.load_step >= 0 and reported_step is not None:
-            logger.warning("checkpoint: Ray restarted this run after it committed %s, so it "
-                           "resumes from its newest step, not load_step = %d",
-                           step_name(reported_step), cfg.load_step)
-        elif cfg.load_step >= 0:
-            if cfg.load_step not in committed:
-                raise CheckpointError(
-                    f"checkpoint.load_step = {cfg.load_step}: {where} has no committed "
-                    f"{step_name(cfg.load_step)}; committed steps: {sorted(committed) or 'none'}")
-            step = cfg.load_step
-        if step is None and committed:
-            if newest := latest_full(steps):
-                step = newest.step
-            elif 0 in committed:
-                step = 0  # a seed checkpoint
-            else:
-                raise CheckpointError(
-                    f"{where} holds only model-only steps {sorted(committed)} (final exports), "
-                    "which hold no optimizer or data position to resume from; start from one "
-                    "with --checkpoint.load_step N, or use another folder or job.name")
-            if reported_step is not None and reported_step != step:
-                logger.info("checkpoint: Ray's latest registered checkpoint is %s, but %s is "
-                            "the newest committed step in storage: resuming from it",
-                            step_name(reported_step), step_name(step))
-        others = [s for s in sorted(committed) if s != step]
-        if step is not None:
+    def _choose(self):
+        cfg, choice, where = self.cfg, self.folder.choice, self.storage.url
+        if choice.step is not None:
             if cfg.initial_load_path:
                 logger.warning("checkpoint: %s holds committed %s, so the run RESUMES from it "
                                "and checkpoint.initial_load_path = %s is IGNORED",
-                               where, step_name(step), cfg.initial_load_path)
-            commit = committed[step]
-            return self.storage.url, step, commit, bool(commit.get("model_only")), others
+                               where, step_name(choice.step), cfg.initial_load_path)
+            return (where, choice.step, choice.commit, bool(choice.commit.get("model_only")),
+                    choice.others)
+        if choice.blocking:
+            raise CheckpointError(
+                f"{where} holds step directories that are not committed and are not this "
+                f"run's interrupted saves: {'; '.join(choice.blocking)}. Refusing to start "
+                f"from scratch over them: inspect them (`raytitan ckpt ls {where}`), then "
+                "repair, move away or delete them, or use another job.name")
         if cfg.initial_load_path and cfg.initial_load_in_hf:
             from raytitan.checkpoint.hf import HFCheckpoint
 
@@ -549,32 +552,33 @@ class CheckpointManager:
         if cfg.exit_on_missing_checkpoint:
             raise CheckpointError(
                 f"no committed checkpoint in {where} and no initial_load_path, and "
-                "checkpoint.exit_on_missing_checkpoint = true; interrupted saves found: "
-                f"{[step_name(s.step) for s in steps if not s.committed] or 'none'}")
+                "checkpoint.exit_on_missing_checkpoint = true")
         logger.info("checkpoint: no checkpoint in %s; starting from scratch", where)
         return None, None, None, None, []
 
     def _verify(self, storage: CheckpointStorage, step: int, commit: dict,
-                others: list[int]) -> None:
-        """Sizes always (rank 0); CRC32s with verify_integrity (files split over ranks).
-        Every rank raises the same error."""
+                others: list[int]) -> dict[str, dict]:
+        """Always (rank 0): every file's size, the CRC32 of .metadata and checksums.json;
+        returns the per-item CRC32s the reader checks while loading. With verify_integrity
+        also every file's CRC32 (files split over ranks). Every rank raises the same error."""
         def damaged(problems: list[str]) -> CheckpointError:
-            return CheckpointError(
-                f"checkpoint {storage.step_url(step)} is damaged: {'; '.join(problems[:5])}. "
-                f"Load another committed step with --checkpoint.load_step N "
-                f"(committed: {others or 'none'}), or delete this one")
+            return _damaged(storage, step, problems, others)
 
-        def sizes() -> None:
-            if commit.get("format") != FORMAT:
-                raise CheckpointError(
-                    f"{storage.step_url(step)}/COMMIT.json has format {commit.get('format')!r}; "
-                    f"this raytitan reads {FORMAT!r}")
+        def small_files() -> dict[str, dict]:
             if problems := storage.check_sizes(step, commit):
                 raise damaged(problems)
+            if problems := storage.check_crc(step, commit, [".metadata", CHECKSUMS_FILE]):
+                raise damaged(problems)
+            return {name: entry[2] for name, entry in storage.read_checksums(step).items()
+                    if len(entry) > 2 and entry[2]}
 
-        self._on_rank0(sizes)
+        items = self._on_rank0(small_files)
+        if not items and commit["files"].get(".metadata", {}).get("crc32") is not None:
+            logger.warning("checkpoint: %s records no per-item CRC32 (an older raytitan): "
+                           "its shards are loaded with size checks only",
+                           storage.step_url(step))
         if not self.cfg.verify_integrity:
-            return
+            return items
         names = sorted(commit["files"])[self.rank::self.world_size]
         try:
             problems = storage.check_crc(step, commit, names)
@@ -587,14 +591,15 @@ class CheckpointManager:
             raise damaged(problems)
         logger.info("checkpoint: verified CRC32 of %d files of %s", len(commit["files"]),
                     storage.step_url(step))
+        return items
 
     def _load(self, storage: CheckpointStorage, step: int, commit: dict,
               model_only: bool, others: list[int]) -> LoadResult:
         cfg = self.cfg
         start = time.perf_counter()
-        self._verify(storage, step, commit, others)
+        items = self._verify(storage, step, commit, others)
         url = storage.step_url(step)
-        reader = step_reader(url, storage.options)
+        reader = step_reader(url, storage.options, items)
         stored: set[str] = self._on_rank0(
             lambda: set(step_reader(url, storage.options).read_metadata().state_dict_metadata))
         stored_groups = {key.split(".", 1)[0] for key in stored}
@@ -636,15 +641,19 @@ class CheckpointManager:
             dcp.load(request, storage_reader=reader, planner=DefaultLoadPlanner(),
                      process_group=self.pg)
         except (Exception, CheckpointException) as e:
+            if "do not match the CRC32" in describe_error(e):
+                raise _damaged(storage, step, [describe_error(e)], others) from e
             raise CheckpointError(
                 f"loading {url} failed (dist_ckpt_strictness = {cfg.dist_ckpt_strictness}): "
-                f"{_describe(e)}") from e
+                f"{describe_error(e)}") from e
         for key, value in skipped.items():
             group, _, name = key.partition(".")
             request[group][name] = value
         self._apply(request, part_keys)
         seconds = time.perf_counter() - start
-        logger.info("checkpoint: loaded %s of %s in %.2f s", sorted(request), url, seconds)
+        checked = getattr(reader, "checked_items", 0)
+        logger.info("checkpoint: loaded %s of %s in %.2f s (CRC32 of %d items checked on "
+                    "this rank)", sorted(request), url, seconds, checked)
         return LoadResult(step, url, sorted(request), unexpected, missing)
 
     def _model_args(self):
@@ -714,6 +723,14 @@ class CheckpointManager:
                 obj.load_state_dict(loaded[key])
         if "rng" in loaded:
             set_rng_state(loaded["rng"][f"rank{self.rank}"])
+
+
+def _damaged(storage: CheckpointStorage, step: int, problems: list[str], others: list[int]
+             ) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {storage.step_url(step)} is damaged: {'; '.join(problems[:5])}. Nothing "
+        f"was deleted. Load another committed step with --checkpoint.load_step N (committed: "
+        f"{others or 'none'}), or move this one away")
 
 
 def build_checkpoint_storage(cfg: CheckpointConfig, dump_folder: str, run_name: str

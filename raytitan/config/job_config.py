@@ -29,7 +29,8 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
 @dataclass
 class Job:
     name: str = "raytitan"
-    """Run name: the Ray run directory name and the TensorBoard run name."""
+    """Run name: the Ray run directory name, the TensorBoard run name and the checkpoint
+    subfolder <checkpoint.folder>/<job.name>; one folder name (no '/', '\\', '.' or '..')."""
 
     dump_folder: str = "./outputs"
     """Folder for this run's outputs (metrics.jsonl, TensorBoard, Ray run state)."""
@@ -38,8 +39,14 @@ class Job:
     """Free text describing the run; logged at start."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"job.name = {self.name!r} must be a non-empty name without '/'")
+        # NOTE: the name is one folder under checkpoint.folder: '..' would put steps beside
+        # other runs' folders, 'a/b' or 'a\\b' in a subfolder.
+        if (self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name
+                or self.name[0].isspace()):
+            raise ConfigError(
+                f"job.name = {self.name!r} is not a valid run folder name: use a non-empty "
+                "name without '/' or '\\', not '.' or '..', not starting with whitespace "
+                "(e.g. 'llama3-8b')")
 
 
 MODEL_FLAVORS = ("debug", "1B", "3B", "8B", "70B", "405B")
@@ -131,6 +138,11 @@ class Training:
     """CPU threads per process for torch ops; 0 = cores / local processes. Fixed per run so
     results do not depend on the launcher."""
 
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient norm: stop (checked at every log step; the run ends with an
+    error and commits nothing more) or skip (checked every step: that step's optimizer update
+    is skipped). Weights that are not finite are never saved, whatever this is."""
+
     def __post_init__(self) -> None:
         _check_positive("training.steps", self.steps)
         _check_positive("training.local_batch_size", self.local_batch_size)
@@ -143,6 +155,7 @@ class Training:
         _check_positive("training.max_norm", self.max_norm, allow_zero=True)
         _check_positive("training.num_threads", self.num_threads, allow_zero=True)
         _check_choice("training.decay_type", self.decay_type, DECAY_TYPES)
+        _check_choice("training.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _check_choice("training.mixed_precision_param", self.mixed_precision_param, DTYPES)
         _check_choice(
             "training.mixed_precision_reduce", self.mixed_precision_reduce, ("float32", "bfloat16")
@@ -288,6 +301,10 @@ class Checkpoint:
     """Checkpoint folder: relative to job.dump_folder, absolute, or s3://bucket/prefix.
     Steps live in <folder>/<job.name>/step-<N> (under Ray that is the Ray run directory)."""
 
+    shared_filesystem: bool = False
+    """A local `folder` is one filesystem mounted at the same path on every node (NFS,
+    Lustre, FSx). Without this a local folder is refused on a multi-node run."""
+
     storage_options: list[str] = field(default_factory=list)
     """fsspec options for the folder's filesystem as key=value (e.g. endpoint_url=...).
     Credentials normally come from the standard AWS environment. Values are never written
@@ -369,12 +386,18 @@ class Checkpoint:
     raise_unexpected, raise_all, return_unexpected, return_all, ignore_all."""
 
     verify_integrity: bool = False
-    """Check every file's CRC32 against the commit manifest before loading (reads the whole
-    step once, split across ranks). File sizes are always checked."""
+    """Also check every whole file's CRC32 before loading (reads the whole step once, split
+    across ranks). Always, without this: file sizes, and the CRC32 of every item as it is
+    loaded (weights, optimizer, data position, RNG)."""
+
+    lease_timeout: float = 60.0
+    """Seconds without a heartbeat after which another run may take over this run's folder
+    (a run renews its lease every lease_timeout / 4 s; a second live run is refused)."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.interval", self.interval)
         _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
+        _check_positive("checkpoint.lease_timeout", self.lease_timeout)
         _check_choice("checkpoint.async_mode", self.async_mode, ASYNC_MODES)
         _check_choice("checkpoint.export_dtype", self.export_dtype, EXPORT_DTYPES)
         _check_choice("checkpoint.dist_ckpt_strictness", self.dist_ckpt_strictness, STRICTNESS)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from raytitan.checkpoint import CheckpointError, CheckpointManager, CheckpointStorage
+from raytitan.checkpoint.folder import open_folder
 from raytitan.checkpoint.storage import COMMIT_FILE, StepWriter
 from raytitan.config import ConfigError
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
@@ -35,7 +36,8 @@ class Counter:
 class Run:
     """A tiny model + optimizer + states, trained a step at a time, with a manager."""
 
-    def __init__(self, folder, *, model: nn.Module | None = None, seed: int = 0, **cfg):
+    def __init__(self, folder, *, model: nn.Module | None = None, seed: int = 0,
+                 reported_step: int | None = None, **cfg):
         torch.manual_seed(seed)
         self.model = model or nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
@@ -43,10 +45,11 @@ class Run:
         self.dataloader = Counter()
         self.storage = CheckpointStorage(str(folder))
         self.cfg = CheckpointConfig(enable=True, interval=1, **cfg)
+        folder = open_folder(self.cfg, self.storage, job="test", reported_step=reported_step)
         self.ckpt = CheckpointManager(
             self.cfg, storage=self.storage, model_parts=[self.model], optimizers=[self.opt],
             states={"train_state": self.train_state, "dataloader": self.dataloader},
-            files=lambda: {"run_config.toml": b"x = 1\n"})
+            files=lambda: {"run_config.toml": b"x = 1\n"}, folder=folder)
 
     def step(self) -> None:
         loss = self.model(torch.randn(4, 8)).square().mean()
@@ -184,7 +187,7 @@ def test_keep_latest_k_deletes_oldest_committed_only(tmp_path):
     assert run.storage.committed_steps() == [3, 4]
 
 
-def test_saving_over_an_abandoned_step_replaces_it(tmp_path):
+def test_saving_over_an_abandoned_step_moves_it_to_quarantine(tmp_path):
     run = Run(tmp_path)
     run.train_and_save(2)
     run.train_and_save(2)
@@ -195,6 +198,10 @@ def test_saving_over_an_abandoned_step_replaces_it(tmp_path):
     assert loaded.ckpt.load().step == 4
     assert same(loaded.weights(), other.weights())
     assert not same(loaded.weights(), run.weights())
+    # The abandoned step-4 is not lost: it was moved aside, whole and still committed.
+    [moved] = (tmp_path / "quarantine").iterdir()
+    assert moved.name.startswith("step-4.")
+    assert json.loads((moved / COMMIT_FILE).read_text())["step"] == 4
 
 
 # -- which step is loaded -------------------------------------------------------------------
@@ -215,8 +222,8 @@ def test_newest_committed_step_beats_rays_older_report(tmp_path):
     run = Run(tmp_path)
     run.train_and_save(1)
     run.train_and_save(1)
-    assert Run(tmp_path).ckpt.load(reported_step=1).step == 2
-    assert Run(tmp_path).ckpt.load(reported_step=7).step == 2  # reported, but not in storage
+    assert Run(tmp_path, reported_step=1).ckpt.load().step == 2
+    assert Run(tmp_path, reported_step=7).ckpt.load().step == 2  # reported, not in storage
 
 
 def test_going_back_to_an_older_step_starts_a_new_line(tmp_path):
