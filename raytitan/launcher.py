@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 
 import ray
 import ray.train
@@ -24,7 +25,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raytitan.checkpoint import checkpoint_base
+from raytitan.checkpoint import build_checkpoint_storage, checkpoint_base
 from raytitan.checkpoint.storage import parse_storage_options
 from raytitan.config import JobConfig, build_job_config, to_dict
 from raytitan.data import resolve_dataset
@@ -42,10 +43,12 @@ def _train_loop_per_worker(config: dict) -> None:
     """Runs in each Ray worker: the same Trainer as under torchrun, fed by Ray Data. After a
     worker-group restart, Ray's latest registered checkpoint is a hint; the Trainer resumes
     from the newest committed step in storage if that is newer (Ray can miss a report made
-    just before a crash)."""
+    just before a crash). `run_id` is this launch's: worker-group restarts share it, so a
+    restarted group takes over its own folder lease at once (checkpoint/lease.py)."""
     from raytitan.train import Trainer
 
-    cfg = build_job_config(config)
+    os.environ["RAYTITAN_RUN_ID"] = config["run_id"]
+    cfg = build_job_config(config["job"])
     reported = ray.train.get_checkpoint()
     trainer = Trainer(
         cfg,
@@ -131,13 +134,16 @@ def launch(cfg: JobConfig) -> ray.train.Result:
     plan = build_plan(cfg, cfg.ray.num_workers)  # fails before any worker starts
     logger.info("%s", plan.describe())
     cfg = absolutize(cfg)
+    if cfg.checkpoint.enable:  # before Ray validates (and s3fs would create) the bucket
+        build_checkpoint_storage(cfg.checkpoint, cfg.job.dump_folder,
+                                 cfg.job.name).check_access()
     init_ray(cfg)
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=resolve_dataset(cfg.data, prepare_ray)))
     storage_path, storage_filesystem = ray_storage(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={"job": to_dict(cfg), "run_id": uuid.uuid4().hex[:16]},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,

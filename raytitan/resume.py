@@ -46,7 +46,8 @@ def config_changes(saved: dict, current: JobConfig) -> list[tuple[str, object, o
 
 
 def check_resume_config(cfg: JobConfig, *, saved: dict | None, commit: dict | None,
-                        world_size: int, model_loaded: bool = True) -> JobConfig:
+                        world_size: int, model_loaded: bool = True,
+                        verbose: bool = True) -> JobConfig:
     """Log or refuse each change against the checkpoint's config; returns the config to run
     (global_batch_size pinned to the checkpoint's where -1 would change it).
 
@@ -54,19 +55,25 @@ def check_resume_config(cfg: JobConfig, *, saved: dict | None, commit: dict | No
         saved: the checkpoint's run_config.toml ({section: {key: value}}), or None.
         commit: its COMMIT.json (global_batch_size, step).
         model_loaded: False when the model is not loaded (exclude_from_loading = model).
+        verbose: log the changes (rank 0; the other ranks only decide alike).
     Raises:
         ConfigError naming the field and both values.
     """
     where = f"step-{commit.get('step')}" if commit else "the checkpoint"
+
+    def log(level: int, message: str, *args) -> None:
+        if verbose:
+            logger.log(level, message, *args)
+
     for name, old, new in config_changes(saved or {}, cfg):
         text = f"resume: {name} = {new!r}, but {where} was trained with {old!r}"
         if name in _REFUSED and model_loaded:
             raise ConfigError(f"{text}: its weights cannot be loaded into this model. Resume "
                               f"with {name} = {old!r}, or start a new run (another job.name)")
         if name in _INFO or name.split(".")[0] in _INFO_SECTIONS:
-            logger.info("%s", text)
+            log(logging.INFO, "%s", text)
         elif name != "training.global_batch_size":
-            logger.warning("%s", text)
+            log(logging.WARNING, "%s", text)
     saved_batch = (commit or {}).get("global_batch_size")
     if saved_batch is None:
         return cfg
@@ -80,14 +87,14 @@ def check_resume_config(cfg: JobConfig, *, saved: dict | None, commit: dict | No
                 f"which is not a multiple of local_batch_size "
                 f"({cfg.training.local_batch_size}) * dp ({plan.parallel_dims.dp}); set "
                 "training.global_batch_size explicitly")
-        logger.warning("resume: keeping %s's global batch of %d (training.global_batch_size "
+        log(logging.WARNING, "resume: keeping %s's global batch of %d (training.global_batch_size "
                        "= -1 would mean %d on this mesh): gradient accumulation %d",
                        where, saved_batch, plan.global_batch_size,
                        saved_batch // per_micro_step)
         return dataclasses.replace(cfg, training=dataclasses.replace(
             cfg.training, global_batch_size=saved_batch))
     if plan.global_batch_size != saved_batch:
-        logger.warning("resume: the global batch changes from %d (%s) to %d: gradient "
+        log(logging.WARNING, "resume: the global batch changes from %d (%s) to %d: gradient "
                        "accumulation %d", saved_batch, where, plan.global_batch_size,
                        plan.grad_accum_steps)
     return cfg

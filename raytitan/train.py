@@ -173,7 +173,8 @@ class Trainer:
                 cfg = self.cfg = check_resume_config(
                     cfg, saved=self.folder.saved_config, commit=choice.commit,
                     world_size=world_size,
-                    model_loaded="model" not in ckpt.exclude_from_loading)
+                    model_loaded="model" not in ckpt.exclude_from_loading,
+                    verbose=self.rank == 0)
 
         self.plan = build_plan(cfg, world_size, vocab_size=manifest.vocab_size)
         if manifest.vocab_size > self.plan.model_args.vocab_size:

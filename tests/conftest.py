@@ -74,6 +74,14 @@ def overrides_to_argv(overrides: dict[str, str]) -> list[str]:
     return argv
 
 
+_RUN_MARK = "=== run_torchrun: "
+
+
+def last_run_log(dump_folder: str | Path) -> str:
+    """The output of the last run_torchrun into `dump_folder`."""
+    return (Path(dump_folder) / "torchrun.log").read_text().rsplit(_RUN_MARK, 1)[-1]
+
+
 def read_losses(dump_folder: str | Path) -> list[float]:
     with open(Path(dump_folder) / "metrics.jsonl") as f:
         return [json.loads(line)["loss"] for line in f]
@@ -92,6 +100,9 @@ def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
+    os.makedirs(dump_folder, exist_ok=True)
+    with open(Path(dump_folder) / "torchrun.log", "a") as log:  # every run's output, in order
+        log.write(f"{_RUN_MARK}{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     if proc.returncode != 0 and _aborted_after_finishing(proc.stdout, proc.stderr):
         print(f"torchrun: a process aborted at exit after the run finished (ignored):\n"
               f"{proc.stderr[-2000:]}")

@@ -5,6 +5,7 @@ The reference is the debug job on 2 ranks with FSDP2, 20 steps, a checkpoint eve
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 
@@ -15,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from raytitan.config import load_job_config
 from raytitan.data.prepare import Manifest
 from raytitan.data.stream import TokenStream
-from tests.conftest import BASE_OVERRIDES, overrides_to_argv, run_torchrun
+from tests.conftest import BASE_OVERRIDES, last_run_log, overrides_to_argv, run_torchrun
 
 STEP_DIR = "checkpoint/raytitan/step-{}"
 
@@ -35,20 +36,37 @@ def reference(base, tmp_path_factory):
 def resume_from_reference(reference, tmp_path, nproc: int, overrides: dict) -> list[float]:
     """Copy the reference's checkpoints, resume from step 10, return all 20 losses."""
     shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
-    return run_torchrun(nproc, {**overrides, "checkpoint.load_step": "10"}, tmp_path)
+    losses = run_torchrun(nproc, {**overrides, "checkpoint.load_step": "10"}, tmp_path)
+    assert_resumed(tmp_path, 10, reference[0])
+    return losses
+
+
+def assert_resumed(dump, step: int, reference_dump=None) -> None:
+    """The last run loaded `step` and trained only the steps after it (a run that loaded
+    nothing would retrain from step 1, bitwise alike, and rewrite metrics.jsonl)."""
+    log = last_run_log(dump)
+    assert f"resumed from {dump / STEP_DIR.format(step)}: step {step}, " in log, log[-3000:]
+    assert f"training steps {step + 1}.." in log
+    if reference_dump is not None:  # the records of steps 1..step are the reference's own
+        assert (dump / "metrics.jsonl").read_text().splitlines()[:step] == \
+            (reference_dump / "metrics.jsonl").read_text().splitlines()[:step]
 
 
 def test_resume_is_bitwise_exact(reference, base, tmp_path):
     assert len(reference[1]) == 20
     assert resume_from_reference(reference, tmp_path, 2, base) == reference[1]
+    log = last_run_log(tmp_path)
+    assert "dataloader, lr_scheduler, model, optimizer, rng, train_state loaded" in log
 
 
 @pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
 def test_async_save_is_exact_and_resumes_bitwise(mode, reference, base, tmp_path):
     overrides = {**base, "checkpoint.async_mode": mode}
     assert run_torchrun(2, overrides, tmp_path) == reference[1]  # the save did not perturb
-    (tmp_path / STEP_DIR.format(20) / "COMMIT.json").unlink()  # as if stopped after step 10
+    (tmp_path / STEP_DIR.format(20) / "COMMIT.json").unlink()  # as if cut before its commit
     assert run_torchrun(2, overrides, tmp_path) == reference[1]  # auto-resumes from step 10
+    assert_resumed(tmp_path, 10)
+    assert "step-20, this run's interrupted save" in last_run_log(tmp_path)
 
 
 def test_step_dir_holds_config_and_tokenizer(reference, tiny_dataset):
@@ -143,16 +161,14 @@ def test_cli_form_of_exclude_from_loading(reference, base, tmp_path):
     shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
     run_torchrun(2, {**base, "checkpoint.load_step": "10", "training.steps": "11",
                      "checkpoint.exclude_from_loading": "lr_scheduler,rng"}, tmp_path)
-    import json
-
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert records[-1]["step"] == 11
     assert records[-1]["lr"] == pytest.approx(3e-4 / 2)  # warm-up step 1 of 2
 
 
 def test_last_save_in_hf_from_a_sharded_run(base, tmp_path):
-    """FSDP2 x TP on 2 ranks: the final step's hf/ folder holds the whole model (read back
-    from the sharded save) and transformers computes raytitan's logits from it."""
+    """FSDP2 x TP (2 x 2 ranks): the final step's hf/ folder holds the whole model (read
+    back from the sharded save) and transformers computes raytitan's logits from it."""
     import torch
     import transformers
 
@@ -160,10 +176,11 @@ def test_last_save_in_hf_from_a_sharded_run(base, tmp_path):
     from raytitan.models.llama3 import Llama3
     from raytitan.models.llama3.hf import flavor_args
 
-    run_torchrun(2, {**base, "training.steps": "2", "checkpoint.interval": "2",
+    run_torchrun(4, {**base, "training.steps": "2", "checkpoint.interval": "2",
                      "parallelism.tensor_parallel_degree": "2",
                      "checkpoint.last_save_in_hf": "true"}, tmp_path, read=False)
     step = tmp_path / STEP_DIR.format(2)
+    assert json.loads((step / "COMMIT.json").read_text())["mesh"]["dp_shard"] == 2
     entries = model_entries(str(step), {})
     weights = read_model_tensors(str(step), {}, entries, sorted(entries))
     vocab = weights["tok_embeddings.weight"].shape[0]
