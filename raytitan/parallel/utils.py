@@ -51,7 +51,9 @@ def clip_grad_norm_(
         if key:
             mesh, placements = key
             for dim, placement in enumerate(placements):
-                if placement.is_shard():
+                # NOTE: not is_shard(): FSDP2 over TP shards dim 0 as _StridedShard, whose
+                # is_shard() is False (torch 2.13). Partial grads were made Replicate above.
+                if not placement.is_replicate():
                     dist.all_reduce(sq, group=mesh.get_group(dim))
         total_sq += sq
     if pp_mesh is not None and pp_mesh.size() > 1:
