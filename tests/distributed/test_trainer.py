@@ -1,4 +1,7 @@
-"""Trainer features, each against the plain single-process run of conftest.BASE_OVERRIDES."""
+"""Trainer features, each against the plain single-process run of conftest.BASE_OVERRIDES.
+
+These check numerics only; that activation checkpointing, compile and bf16 are applied at all
+is checked on the workers by test_placements.py (equal losses pass with a feature off)."""
 
 from __future__ import annotations
 
