@@ -134,3 +134,52 @@ def test_minus_one_global_batch_is_kept_on_fewer_ranks(base, tmp_path):
     assert losses[:2] == reference[:2]
     for got, want in zip(losses[2:], reference[2:], strict=True):
         assert got == pytest.approx(want, rel=1e-5)
+
+
+HOOKS = str(ROOT / "tests" / "fault_hooks")
+
+
+@pytest.mark.parametrize("mode", [
+    "async_with_pinned_mem",
+    pytest.param("async", marks=pytest.mark.slow),
+    pytest.param("disabled", marks=pytest.mark.slow),
+])
+def test_sigkill_of_every_process_mid_persist_loses_nothing(base, tmp_path, mode):
+    """Every process of a run (agent, ranks, persist process) is SIGKILLed while step 20 is
+    being written, slowly. Step 10 stays the newest committed step, the half-written step 20
+    is this run's own interrupted save (deleted on restart), and the restarted run ends
+    bitwise equal to an uninterrupted one. The background staging copy is slowed too: the
+    saved state must still be the state of its step (the wait before optimizer.step)."""
+    overrides = {**base, "training.steps": "30", "checkpoint.interval": "10",
+                 "checkpoint.async_mode": mode}
+    reference = run_torchrun(2, overrides, tmp_path / "reference")
+    dump = tmp_path / "killed"
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "raytitan.train",
+           *overrides_to_argv({**overrides, "job.dump_folder": str(dump)})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HOOKS,
+           "RAYTITAN_SLOW_STAGING_SEC": "1", "RAYTITAN_SLOW_PERSIST": "step-20:60"}
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(tmp_path / "killed.log", "w"),
+                             stderr=subprocess.STDOUT)
+    intent = dump / RUN_DIR / "step-20" / "SAVING.json"
+    try:
+        deadline = time.time() + 240
+        while not intent.exists() and time.time() < deadline:
+            assert agent.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert intent.exists(), "the save of step 20 never started"
+        time.sleep(2)  # well inside the 60 s persist
+    finally:
+        for pid in [agent.pid, *descendants(agent.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        agent.wait(timeout=30)
+    assert committed(dump) == [10]
+    losses = run_torchrun(2, overrides, dump)
+    log = last_run_log(dump)
+    assert "step-20, this run's interrupted save" in log
+    assert f"resumed from {dump / RUN_DIR}/step-10: step 10" in log
+    assert losses == reference

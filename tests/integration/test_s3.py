@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 
-from tests.conftest import BASE_OVERRIDES, run_torchrun
+import pytest
+
+from tests.conftest import BASE_OVERRIDES, last_run_log, overrides_to_argv, run_torchrun
 
 
 def test_prepare_and_stream_from_s3(s3, tiny_dataset, tmp_path):
@@ -41,20 +43,23 @@ def test_train_from_s3_matches_local(s3, tiny_dataset, tmp_path):
     assert remote == local
 
 
-def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path):
-    """The checkpoint folder on s3://: shards go straight to the bucket (async), a run stopped
-    after step 10 resumes bitwise; storage options never reach the checkpoint."""
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path, mode):
+    """The checkpoint folder on s3://: shards go straight to the bucket (from a thread, or
+    from the persist process), a run stopped after step 10 resumes bitwise; storage options
+    never reach the checkpoint."""
     import fsspec
 
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     base = {**BASE_OVERRIDES, "data.path": tiny_dataset, "training.steps": "20",
             "checkpoint.enable": "true", "checkpoint.interval": "10",
-            "checkpoint.folder": f"{s3}/ckpt", "checkpoint.async_mode": "async",
+            "checkpoint.folder": f"{s3}/ckpt-{mode}", "checkpoint.async_mode": mode,
             "checkpoint.storage_options": f"endpoint_url={endpoint}"}
     full = run_torchrun(2, base, tmp_path / "full")
     fs = fsspec.filesystem("s3")
-    run_dir = f"{s3}/ckpt/raytitan"
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(run_dir)) == ["step-10", "step-20"]
+    run_dir = f"{s3}/ckpt-{mode}/raytitan"
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(run_dir)) == [
+        "LEASE.json", "RUN.json", "step-10", "step-20"]
     config = fs.cat_file(f"{run_dir}/step-10/run_config.toml").decode()
     assert endpoint not in config and "endpoint_url=<redacted>" in config
 
@@ -68,6 +73,30 @@ def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path):
     assert not inspect.verify(f"{run_dir}/step-20", [])[0]
     resumed = run_torchrun(2, base, tmp_path / "full")
     assert resumed == full
+    assert f"resumed from {run_dir}/step-10: step 10" in last_run_log(tmp_path / "full")
+
+
+def test_a_missing_bucket_is_refused_before_training(s3, tiny_dataset, tmp_path):
+    """A typo in the bucket (or an emptied account) is an error, never a fresh start in a
+    bucket created on the fly: under torchrun and in the launcher, before Ray starts."""
+    import fsspec
+
+    from raytitan.checkpoint import CheckpointError
+    from raytitan.config import load_job_config
+    from raytitan.launcher import launch
+
+    overrides = {**BASE_OVERRIDES, "data.path": tiny_dataset, "checkpoint.enable": "true",
+                 "checkpoint.folder": "s3://no-such-bucket/ckpt"}
+    with pytest.raises(AssertionError, match="bucket 'no-such-bucket' does not exist"):
+        run_torchrun(2, overrides, tmp_path, read=False)
+    cfg = load_job_config(None, overrides_to_argv({**overrides,
+                                                   "job.dump_folder": str(tmp_path)}))
+    with pytest.raises(CheckpointError, match="raytitan never creates buckets"):
+        launch(cfg)
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert not fs.exists("no-such-bucket")
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step was trained
 
 
 def test_ray_registers_and_retains_checkpoints_on_s3(s3, tiny_dataset, tmp_path):

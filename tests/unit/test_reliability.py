@@ -241,3 +241,34 @@ def test_commit_checks_every_listed_file_exists(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"step-1 is not committed: __0_0.distcp is missing"):
         run.train_and_save(1)
     assert not (tmp_path / "step-1" / COMMIT_FILE).exists()
+
+
+# -- the staging wait ----------------------------------------------------------------------
+
+
+def test_the_optimizer_waits_for_the_background_copy(tmp_path, monkeypatch):
+    """async_with_pinned_mem copies the state in a background thread while training goes on;
+    slowed down here, the copy must still see the weights of the step being saved, not the
+    ones the next optimizer step writes (Trainer.train_step calls wait_for_staging)."""
+    import time
+
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    copy = DefaultStager._stage
+
+    def slow_copy(self, state_dict, **kwargs):
+        time.sleep(1.0)
+        return copy(self, state_dict, **kwargs)
+
+    monkeypatch.setattr(DefaultStager, "_stage", slow_copy)
+    run = Run(tmp_path, async_mode="async_with_pinned_mem")
+    for _ in range(3):
+        run.step()
+    saved = run.weights()
+    run.ckpt.save(3)
+    run.step()  # forward/backward overlap the copy; the update waits for it
+    assert not same(run.weights(), saved)
+    run.ckpt.close()
+    resumed = Run(tmp_path, seed=5)
+    assert resumed.ckpt.load().step == 3
+    assert same(resumed.weights(), saved)
