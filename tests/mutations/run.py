@@ -1,0 +1,213 @@
+"""Mutation check: every test suite must fail when the feature it tests is broken.
+
+Each mutation below is a deliberate breakage (one exact text replacement in one file). For
+each, a temp copy of the repo is made, the breakage applied, the tests named with it run,
+and the mutation is CAUGHT when they fail, SURVIVED when they pass. None may survive.
+Run on demand (not in CI, it takes ~30 min on 2 cores):
+
+    python -m tests.mutations.run            # all, then a table; exit 1 if any survived
+    python -m tests.mutations.run --list
+    python -m tests.mutations.run --only staging-wait-removed,tp-not-applied
+
+The list is documented in docs/testing.md; results go there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+
+
+U, D = "tests/unit/", "tests/distributed/"
+RESUME = f"{D}test_checkpoint.py::test_resume_is_bitwise_exact"
+MUTATIONS = [
+    Mutation("resume-loads-nothing", "raytitan/checkpoint/manager.py",
+             '        url, step, commit, model_only, others = self._on_rank0(self._choose)\n',
+             '        url, step, commit, model_only, others = self._on_rank0(self._choose)\n'
+             '        return None\n',
+             [f"{U}test_checkpoint.py::test_resume_restores_everything_bitwise", RESUME]),
+    Mutation("data-position-not-restored", "raytitan/data/stream.py",
+             'self.samples_consumed = int(state["samples_consumed"])',
+             'self.samples_consumed = self.samples_consumed',
+             [RESUME]),
+    Mutation("rng-not-restored", "raytitan/checkpoint/manager.py",
+             '    if "torch" in state:\n        torch.set_rng_state(state["torch"])',
+             '    if False:\n        torch.set_rng_state(state["torch"])',
+             [f"{U}test_checkpoint.py::test_resume_restores_everything_bitwise"]),
+    Mutation("optimizer-not-restored", "raytitan/checkpoint/manager.py",
+             '            set_optimizer_state_dict(part, optimizer,',
+             '            continue\n            set_optimizer_state_dict(part, optimizer,',
+             [f"{U}test_checkpoint.py::test_resume_restores_everything_bitwise", RESUME]),
+    Mutation("tp-not-applied", "raytitan/models/llama3/parallelize.py",
+             '        apply_tp(model, mesh["tp"])', '        pass',
+             [f"{D}test_placements.py::test_tp_shards_attention_and_mlp"]),
+    Mutation("ac-not-applied", "raytitan/models/llama3/parallelize.py",
+             '        apply_ac(model, activation_checkpoint.mode)', '        pass',
+             [f"{D}test_placements.py::test_activation_checkpointing_wraps_every_block"]),
+    Mutation("bf16-not-applied", "raytitan/models/llama3/parallelize.py",
+             'param_dtype=getattr(torch, training.mixed_precision_param)',
+             'param_dtype=torch.float32',
+             [f"{D}test_placements.py::test_bf16_fsdp_forward_runs_in_bf16"]),
+    Mutation("compile-not-applied", "raytitan/models/llama3/parallelize.py",
+             '        apply_compile(model, clone_embedding_output=parallel_dims.tp_enabled)',
+             '        pass',
+             [f"{D}test_placements.py::test_compile_wraps_every_block"]),
+    Mutation("staging-wait-removed", "raytitan/train.py",
+             '            self.checkpointer.wait_for_staging()  # a background copy must not',
+             '            pass  # self.checkpointer.wait_for_staging()  # a background copy must not',
+             [f"{D}test_faults.py::test_sigkill_of_every_process_mid_persist_loses_nothing"
+              "[async_with_pinned_mem]"]),
+    Mutation("staging-wait-returns-early", "raytitan/checkpoint/manager.py",
+             '        pending = self._pending\n        if pending is not None and '
+             'pending.staging is not None:',
+             '        pending = None\n        if pending is not None and '
+             'pending.staging is not None:',
+             [f"{U}test_reliability.py::test_the_optimizer_waits_for_the_background_copy"]),
+    Mutation("commit-before-every-rank-persisted", "raytitan/checkpoint/manager.py",
+             '        if int(flags[0]) < self.world_size and not int(flags[1]):',
+             '        if not done and not int(flags[1]):',
+             [f"{D}test_faults.py::test_sigkill_of_every_process_mid_persist_loses_nothing"
+              "[async_with_pinned_mem]",
+              f"{D}test_checkpoint.py::test_async_save_is_exact_and_resumes_bitwise"]),
+    Mutation("commit-without-file-check", "raytitan/checkpoint/storage.py",
+             '        if problems := self.check_sizes(step, {"files": entries}):',
+             '        if problems := []:',
+             [f"{U}test_reliability.py::test_commit_checks_every_listed_file_exists"]),
+    Mutation("retention-deletes-the-newest", "raytitan/checkpoint/manager.py",
+             'for info in in_commit_order(steps, lineage)[:-k]:',
+             'for info in in_commit_order(steps, lineage)[k:]:',
+             [f"{U}test_checkpoint.py::test_keep_latest_k_deletes_oldest_committed_only"]),
+    Mutation("grad-norm-not-reduced-over-shards", "raytitan/parallel/utils.py",
+             '                    dist.all_reduce(sq, group=mesh.get_group(dim))',
+             '                    pass',
+             [f"{D}test_parallelisms.py::test_losses_and_grad_norms_match_single_process"
+              "[tp2_sp]"]),
+    Mutation("grad-norm-not-reduced-over-pp", "raytitan/parallel/utils.py",
+             '        dist.all_reduce(total_sq, group=pp_mesh.get_group())', '        pass',
+             [f"{D}test_parallelisms.py::test_gradient_clipping_matches_single_process"
+              "[pp2_1f1b]"]),
+    Mutation("damaged-step-deleted", "raytitan/checkpoint/selection.py",
+             'choice.remove = [s.step for s in steps if s.state == INTERRUPTED and '
+             's.lineage == lineage]',
+             'choice.remove = [s.step for s in steps if not s.committed]',
+             [f"{U}test_reliability.py"]),
+    Mutation("foreign-steps-resumed", "raytitan/checkpoint/selection.py",
+             '        chosen = latest_full(own, lineage)',
+             '        chosen = latest_full([*own, *foreign])',
+             [f"{U}test_reliability.py::test_another_runs_step_is_never_resumed_implicitly"]),
+    Mutation("lease-never-checked", "raytitan/checkpoint/lease.py",
+             '        current = self.read()\n        if self.lost or not current',
+             '        return\n        current = self.read()\n        if self.lost or not current',
+             [f"{U}test_reliability.py::test_a_run_that_lost_its_lease_stops_saving"]),
+    Mutation("second-writer-allowed", "raytitan/checkpoint/lease.py",
+             '            if age < float(current.get("timeout", self.timeout)) and not dead:',
+             '            if False:',
+             [f"{U}test_reliability.py::"
+              "test_a_second_live_writer_is_refused_and_a_stale_lease_taken_over"]),
+    Mutation("item-crc-not-checked", "raytitan/checkpoint/storage.py",
+             '        if expected is None or expected[0] != sinfo.length:',
+             '        if True:',
+             [f"{U}test_reliability.py::test_a_flipped_byte_fails_the_load_naming_file_and_key"]),
+    Mutation("nan-weights-saved", "raytitan/checkpoint/manager.py",
+             '        if int(flags[0]):\n            raise CheckpointError(\n'
+             '                f"step {step}: the model holds non-finite',
+             '        if False:\n            raise CheckpointError(\n'
+             '                f"step {step}: the model holds non-finite',
+             [f"{U}test_reliability.py::test_non_finite_weights_are_never_saved"]),
+    Mutation("orphans-keep-running", "raytitan/train.py",
+             '    if "TORCHELASTIC_RUN_ID" in os.environ:\n        _exit_when_orphaned()',
+             '    if False:\n        _exit_when_orphaned()',
+             [f"{D}test_faults.py::test_second_writer_refused_and_orphaned_ranks_stop"]),
+    Mutation("global-batch-not-kept", "raytitan/resume.py",
+             '    if cfg.training.global_batch_size == -1 and plan.global_batch_size != saved_batch:',
+             '    if False:',
+             [f"{U}test_reliability.py::"
+              "test_minus_one_global_batch_keeps_the_checkpoints_on_fewer_ranks"]),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    """The tracked and untracked-but-not-ignored files, as in the working tree."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_one(mutation: Mutation, timeout: float) -> tuple[str, float, str]:
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as tmp:
+        repo = Path(tmp)
+        copy_repo(repo)
+        target = repo / mutation.path
+        text = target.read_text()
+        if text.count(mutation.old) != 1:
+            return "ANCHOR NOT FOUND", 0.0, f"{mutation.path}: {mutation.old!r}"
+        target.write_text(text.replace(mutation.old, mutation.new))
+        # The copy's raytitan must win over the installed (editable) one, in the tests and
+        # in every process they start (torchrun runs `-m raytitan.train` from the copy).
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        env.pop("PYTEST_ADDOPTS", None)
+        start = time.time()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                 *mutation.tests], cwd=repo, env=env, capture_output=True, text=True,
+                timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "CAUGHT (timeout)", time.time() - start, ""
+        seconds = time.time() - start
+        tail = proc.stdout.strip().splitlines()[-1:] or [""]
+        if proc.returncode == 0:
+            return "SURVIVED", seconds, tail[0]
+        if proc.returncode in (4, 5):  # usage error / no tests collected: a broken entry
+            return "BROKEN ENTRY", seconds, proc.stdout[-500:]
+        failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+        return "CAUGHT", seconds, (failed[0] if failed else tail[0])[:160]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated mutation names")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only.split(",")]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36} {m.path}  ->  {', '.join(m.tests)}")
+        return
+    rows = []
+    for m in chosen:
+        outcome, seconds, detail = run_one(m, args.timeout)
+        rows.append((m.name, outcome, seconds, detail))
+        print(f"{m.name:36} {outcome:17} {seconds:6.0f} s  {detail}", flush=True)
+    survivors = [r for r in rows if not r[1].startswith("CAUGHT")]
+    print(f"\n{len(rows) - len(survivors)} of {len(rows)} mutations caught"
+          + (f"; NOT caught: {[r[0] for r in survivors]}" if survivors else ""))
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
