@@ -153,8 +153,8 @@ def _convert(argv: list[str]) -> int:
                        help="fsspec option for remote folders, e.g. endpoint_url=...")
     args = parser.parse_args(argv)
 
-    from raytitan.checkpoint import hf
     from raytitan.checkpoint.storage import parse_storage_options
+    from raytitan.interop import hf
 
     options = parse_storage_options(args.storage_option)
     if args.action == "to-hf":

@@ -29,6 +29,7 @@ from raytitan.data import resolve_dataset
 from raytitan.data.prepare import Manifest, prepare_local
 from raytitan.data.stream import ReadShards, TokenStream, read_shards_local
 from raytitan.data.tokenizer import tokenizer_hash
+from raytitan.interop.hf import HFInitialLoad, HFStepExport
 from raytitan.metrics import MetricsLogger, init_logging, memory_gib, peak_flops
 from raytitan.models.llama3 import Llama3
 from raytitan.models.llama3.parallelize import parallelize_llama3
@@ -218,6 +219,12 @@ class Trainer:
                     ckpt, initial_load_path=ckpt.initial_load_path or cfg.model.hf_assets_path)
                 if self.rank == 0:
                     _check_hf_tokenizer(ckpt.initial_load_path, manifest)
+            # Hugging Face interop plugs into the checkpoint package from outside it.
+            final_export = (HFStepExport(cfg.model.flavor, ckpt.export_dtype,
+                                         self.storage.options)
+                            if ckpt.last_save_in_hf else None)
+            initial_hf = (HFInitialLoad(self.plan.model_args, cfg.model.flavor)
+                          if ckpt.initial_load_in_hf else None)
             self.checkpointer = CheckpointManager(
                 ckpt,
                 storage=self.storage,
@@ -232,6 +239,8 @@ class Trainer:
                 on_commit=self._on_commit,
                 retention=not external_retention,
                 folder=self.folder,
+                final_export=final_export,
+                initial_hf=initial_hf,
             )
         self.loaded = None
         """What the run resumed from (a LoadResult), or None for a fresh start."""

@@ -8,10 +8,8 @@ from __future__ import annotations
 import logging
 import tomllib
 from dataclasses import dataclass
-from typing import Any
 
-import torch.distributed as dist
-
+from raytitan.checkpoint.collectives import on_rank0
 from raytitan.checkpoint.lease import FolderLease, folder_lineage
 from raytitan.checkpoint.selection import ResumeChoice, choose_step
 from raytitan.checkpoint.storage import CheckpointError, CheckpointStorage, step_name
@@ -44,23 +42,6 @@ def check_folder_hosts(storage: CheckpointStorage, hosts: list[str], *, shared: 
             "every node would write its own ranks' shards and none a loadable step. Use "
             "shared storage (s3://...), or set checkpoint.shared_filesystem = true if this "
             "path is one filesystem mounted on every node")
-
-
-def on_rank0(fn, group=None) -> Any:
-    """Run fn on rank 0 and give every rank its result, or raise its error on every rank
-    (so no rank is left waiting in a collective)."""
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as e:  # re-raised on every rank below
-            box[0] = ("error", e if isinstance(e, CheckpointError) else
-                      CheckpointError(f"{type(e).__name__}: {e}"))
-    dist.broadcast_object_list(box, src=0, group=group)
-    kind, value = box[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 def open_folder(cfg: CheckpointConfig, storage: CheckpointStorage, *, job: str,

@@ -127,7 +127,9 @@ class FolderLease:
         while not self._stop.wait(self.timeout / 4):
             try:
                 current = self.read()
-                if current and current.get("holder") != self.holder:
+                if current is None:  # deleted (with the folder?): the next check() says so
+                    return
+                if current.get("holder") != self.holder:
                     self.lost = self.describe(current)
                     logger.error("checkpoint: %s took the lease on %s: this run stops saving",
                                  self.lost, self.storage.url)

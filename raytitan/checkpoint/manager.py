@@ -6,6 +6,9 @@ writer (sync, or staged and persisted in the background), then rank 0 commits th
 newest committed step (or `load_step`, or `initial_load_path`), check it, and load the
 requested keys, resharding onto this run's mesh. See docs/checkpointing.md.
 
+Here: saving and the public API. Loading a step: loading.py; what a step holds and who owns
+it: state.py; the Hugging Face export and initial load plug in through formats.py.
+
 Contents (top-level keys; nested keys are FQN-based so they reshard):
     model         parameters by canonical FQN (DTensors, any mesh)
     optimizer     AdamW state, flattened per parameter FQN
@@ -19,31 +22,25 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-from raytitan.checkpoint.folder import OpenFolder, on_rank0, open_folder
+from raytitan.checkpoint.collectives import on_every_rank, on_rank0
+from raytitan.checkpoint.folder import OpenFolder, open_folder
+from raytitan.checkpoint.formats import InitialLoad, StepExport
+from raytitan.checkpoint.loading import LoadResult, StepLoader
+from raytitan.checkpoint.state import Stateful, StepContents, rng_state, set_rng_state
 from raytitan.checkpoint.storage import (
-    CHECKSUMS_FILE,
     INTERRUPTED,
     CheckpointError,
     CheckpointStorage,
@@ -56,37 +53,17 @@ from raytitan.checkpoint.storage import (
     parse_storage_options,
     split_step_dir,
     step_name,
-    step_reader,
 )
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
 
+__all__ = ["TOKENIZER_FILES", "CheckpointManager", "InitialLoad", "LoadResult", "StepExport",
+           "build_checkpoint_storage", "checkpoint_base", "rng_state", "set_rng_state"]
+
 logger = logging.getLogger("raytitan")
 
-_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-# The Hugging Face export of a step (last_save_in_hf) lives in <step>/hf.
-HF_DIR = "hf"
 # Tokenizer files copied into <step>/tokenizer/ when the dataset has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class LoadResult:
-    step: int
-    """The step of the checkpoint loaded (0 for a seed checkpoint)."""
-    path: str
-    keys: list[str]
-    """Top-level keys loaded."""
-    unexpected: list[str]
-    """Keys this run asked for that the checkpoint lacks (Megatron's 'unexpected')."""
-    missing: list[str]
-    """Keys the checkpoint holds that no rank asked for (Megatron's 'missing')."""
 
 
 @dataclass
@@ -98,22 +75,6 @@ class _PendingSave:
     dtype: str
     started: float
     stall: float
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "python" in state:
-        random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointManager:
@@ -131,6 +92,14 @@ class CheckpointManager:
         on_commit: called on every rank with (step, step directory name) after a commit.
         retention: delete steps beyond keep_latest_k here (False when Ray does it).
         folder: the opened folder (open_folder); opened here (no Ray restart) if None.
+        final_export: written into the final step before its commit (needed, and only
+            used, with last_save_in_hf).
+        initial_hf: reads initial_load_path into the model (needed, and only used, with
+            initial_load_in_hf).
+
+    Raises:
+        CheckpointError: last_save_in_hf without final_export, or initial_load_in_hf
+            without initial_hf.
     """
 
     def __init__(
@@ -146,12 +115,21 @@ class CheckpointManager:
         on_commit: Callable[[int, str], None] | None = None,
         retention: bool = True,
         folder: OpenFolder | None = None,
+        final_export: StepExport | None = None,
+        initial_hf: InitialLoad | None = None,
     ) -> None:
+        for option, given, name in (("last_save_in_hf", final_export, "final_export"),
+                                    ("initial_load_in_hf", initial_hf, "initial_hf")):
+            if getattr(cfg, option) and given is None:
+                raise CheckpointError(f"checkpoint.{option} = true needs a CheckpointManager "
+                                      f"built with {name} (the Trainer builds one)")
         self.cfg = cfg
         self.storage = storage
         self.model_parts = model_parts
         self.optimizers = optimizers
         self.states = states
+        self.final_export = final_export if cfg.last_save_in_hf else None
+        self.initial_hf = initial_hf if cfg.initial_load_in_hf else None
         self.run_info = run_info or {}
         self._files_source = files
         self._files_cache: dict[str, bytes] | None = None
@@ -162,6 +140,8 @@ class CheckpointManager:
         # polls on `self.ctrl`: one gloo group used from two threads deadlocks (PLATFORM.md).
         self.pg = dist.new_group(backend="gloo")
         self.ctrl = dist.new_group(backend="gloo")
+        self.contents = StepContents(model_parts, optimizers, states, self.rank)
+        self.loader = StepLoader(cfg, self.contents, pg=self.pg, ctrl=self.ctrl)
         self.folder = folder or open_folder(cfg, storage, job=self.run_info.get("job", "?"),
                                             group=self.ctrl)
         self._pending: _PendingSave | None = None
@@ -185,8 +165,6 @@ class CheckpointManager:
                 use_non_blocking_copy=gpu and pinned))
         self.last_stall_sec = 0.0
         self.last_save_sec = 0.0
-        self.flavor: str | None = self.run_info.get("flavor")
-        """The model flavor (run_info), for Hugging Face checks and exports."""
 
     # -- collective helpers -------------------------------------------------------------
 
@@ -194,18 +172,7 @@ class CheckpointManager:
         return on_rank0(fn, self.ctrl)
 
     def _on_every_rank(self, fn: Callable[[], Any], what: str) -> list[Any]:
-        """Run fn on every rank and return every rank's result, or raise all ranks' errors
-        on every rank (so none is left waiting in a later collective)."""
-        result, error = None, None
-        try:
-            result = fn()
-        except Exception as e:
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (result, error), group=self.ctrl)
-        if errors := [e for _, e in gathered if e]:
-            raise CheckpointError(f"{what} failed: {'; '.join(errors)}")
-        return [r for r, _ in gathered]
+        return on_every_rank(fn, what, self.ctrl)
 
     # -- saving -------------------------------------------------------------------------
 
@@ -234,12 +201,12 @@ class CheckpointManager:
             except (Exception, CheckpointException) as e:
                 raise self._save_error(step, e) from e
             written, export_error = None, None
-            if final and self.cfg.last_save_in_hf:
+            if final and self.final_export is not None:
                 try:
-                    written = self._export_hf(step)
+                    written = self._export(step, self.final_export)
                 except CheckpointError as e:  # every rank: keep the step, drop its hf/
                     export_error = e
-                    self._on_rank0(lambda: self._remove_hf(step))
+                    self._on_rank0(lambda: self._remove_export(step))
             self.last_stall_sec = self.last_save_sec = time.perf_counter() - start
             self._commit(step, model_only, dtype, self.last_save_sec, written)
             if export_error is not None:
@@ -370,7 +337,7 @@ class CheckpointManager:
             self.folder.lease.check()
 
     def _state_for_save(self, model_only: bool, dtype_name: str) -> dict[str, Any]:
-        model = self._merged_state("model")
+        model = self.contents.merged_state("model")
         if dtype_name != "float32":
             dtype = getattr(torch, dtype_name)
             model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.items()}
@@ -378,7 +345,7 @@ class CheckpointManager:
         if model_only:
             return state
         if self.cfg.save_optim:
-            state["optimizer"] = self._merged_state("optimizer")
+            state["optimizer"] = self.contents.merged_state("optimizer")
         for key, obj in self.states.items():
             state[key] = obj.state_dict()
         if self.cfg.save_rng:
@@ -398,7 +365,7 @@ class CheckpointManager:
                       "lineage": self.folder.lineage}
             self._check_lease()
             if written:  # the HF export's files
-                fields["hf"] = HF_DIR
+                fields[self.final_export.dirname] = self.final_export.dirname
             manifest, steps = self.storage.commit_step(
                 step, fields, files=self._files(), written=written,
                 checksums=self.cfg.save_checksums)
@@ -415,30 +382,24 @@ class CheckpointManager:
             # metrics only, so its retention and get_checkpoint() see full-state steps alone.
             self.on_commit(step, None if model_only else step_name(step))
 
-    def _export_hf(self, step: int) -> dict[str, dict]:
-        """Write <step>/hf, a Hugging Face folder of the step just saved, in export_dtype:
-        every rank writes its share of the safetensors files (read back from the step, so
-        any mesh works), then rank 0 the config, tokenizer and index. Returns the files."""
-        from raytitan.checkpoint.hf import HFExport
-
-        url = self.storage.step_url(step)
-        what, start, plan = f"HF export of {url}", time.perf_counter(), []
+    def _export(self, step: int, export: StepExport) -> dict[str, dict]:
+        """Write <step>/<dirname> (hf), a Hugging Face folder of the step just saved, in
+        export_dtype: every rank writes its share of the safetensors files (read back from
+        the step, so any mesh works), then rank 0 the config, tokenizer and index. Returns
+        the files, by their name in the step."""
+        url, hf_dir = self.storage.step_url(step), export.dirname
+        what, start = f"HF export of {url}", time.perf_counter()
 
         def share() -> dict[str, dict]:
-            self._model_args()  # a Llama-3 with a known flavor
-            # The flavor's args (max_position_embeddings is the flavor's, not seq_len).
-            plan.append(HFExport.plan(url, f"{url}/{HF_DIR}", options=self.storage.options,
-                                      flavor=self.flavor, dtype=self.cfg.export_dtype,
-                                      committed=False))
-            return {f"{HF_DIR}/{name}": entry for name, entry in
-                    plan[0].write_shards(self.rank, self.world_size).items()}
+            return {f"{hf_dir}/{name}": entry for name, entry in
+                    export.write_shards(url, self.rank, self.world_size).items()}
 
         def rest() -> dict[str, dict]:
             tokenizer = {name.removeprefix("tokenizer/"): data
                          for name, data in self._files().items()
                          if name.startswith("tokenizer/")}
-            return {f"{HF_DIR}/{name}": entry
-                    for name, entry in plan[0].write_rest(tokenizer).items()}
+            return {f"{hf_dir}/{name}": entry
+                    for name, entry in export.write_rest(url, tokenizer).items()}
 
         written = {name: entry for files in self._on_every_rank(share, what)
                    for name, entry in files.items()}
@@ -447,11 +408,11 @@ class CheckpointManager:
         except CheckpointError as e:
             raise CheckpointError(f"{what} failed: {e}") from e
         logger.info("checkpoint: exported %s/%s (Hugging Face, %s, %d files) in %.2f s", url,
-                    HF_DIR, self.cfg.export_dtype, len(written), time.perf_counter() - start)
+                    hf_dir, self.cfg.export_dtype, len(written), time.perf_counter() - start)
         return written
 
-    def _remove_hf(self, step: int) -> None:
-        path = self.storage.step_path(step, HF_DIR)
+    def _remove_export(self, step: int) -> None:
+        path = self.storage.step_path(step, self.final_export.dirname)
         if self.storage.fs.exists(path):
             self.storage.fs.rm(path, recursive=True)
 
@@ -475,19 +436,6 @@ class CheckpointManager:
             self._files_cache = self._files_source() if self._files_source else {}
         return self._files_cache
 
-    # -- state dicts --------------------------------------------------------------------
-
-    def _part_states(self, group: str) -> list[dict[str, Any]]:
-        """The model or optimizer state of each model part, keyed by FQN (parts never
-        share a key, so the merged dict is the whole group)."""
-        if group == "model":
-            return [get_model_state_dict(part) for part in self.model_parts]
-        return [get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS)
-                for part, optimizer in zip(self.model_parts, self.optimizers, strict=True)]
-
-    def _merged_state(self, group: str) -> dict[str, Any]:
-        return {k: v for part in self._part_states(group) for k, v in part.items()}
-
     # -- loading ------------------------------------------------------------------------
 
     def load(self) -> LoadResult | None:
@@ -506,7 +454,7 @@ class CheckpointManager:
             return self._load_hf(url)
         storage = (self.storage if url == self.storage.url
                    else CheckpointStorage(url, self.storage.options))
-        return self._load(storage, step, commit, model_only, others)
+        return self.loader.load(storage, step, commit, model_only, others)
 
     def _choose(self):
         cfg, choice, where = self.cfg, self.folder.choice, self.storage.url
@@ -523,11 +471,9 @@ class CheckpointManager:
                 f"run's interrupted saves: {'; '.join(choice.blocking)}. Refusing to start "
                 f"from scratch over them: inspect them (`raytitan ckpt ls {where}`), then "
                 "repair, move away or delete them, or use another job.name")
-        if cfg.initial_load_path and cfg.initial_load_in_hf:
-            from raytitan.checkpoint.hf import HFCheckpoint
-
+        if cfg.initial_load_path and self.initial_hf is not None:  # initial_load_in_hf
             try:
-                HFCheckpoint(cfg.initial_load_path).check(self._model_args(), self.flavor)
+                self.initial_hf.check(cfg.initial_load_path)
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"checkpoint.initial_load_in_hf: {e}") from e
             logger.info("checkpoint: no checkpoint in %s; starting from the Hugging Face "
@@ -556,181 +502,14 @@ class CheckpointManager:
         logger.info("checkpoint: no checkpoint in %s; starting from scratch", where)
         return None, None, None, None, []
 
-    def _verify(self, storage: CheckpointStorage, step: int, commit: dict,
-                others: list[int]) -> dict[str, dict]:
-        """Always (rank 0): every file's size, the CRC32 of .metadata and checksums.json;
-        returns the per-item CRC32s the reader checks while loading. With verify_integrity
-        also every file's CRC32 (files split over ranks). Every rank raises the same error."""
-        def damaged(problems: list[str]) -> CheckpointError:
-            return _damaged(storage, step, problems, others)
-
-        def small_files() -> dict[str, dict]:
-            if problems := storage.check_sizes(step, commit):
-                raise damaged(problems)
-            if problems := storage.check_crc(step, commit, [".metadata", CHECKSUMS_FILE]):
-                raise damaged(problems)
-            return {name: entry[2] for name, entry in storage.read_checksums(step).items()
-                    if len(entry) > 2 and entry[2]}
-
-        items = self._on_rank0(small_files)
-        if not items and commit["files"].get(".metadata", {}).get("crc32") is not None:
-            logger.warning("checkpoint: %s records no per-item CRC32 (an older raytitan): "
-                           "its shards are loaded with size checks only",
-                           storage.step_url(step))
-        if not self.cfg.verify_integrity:
-            return items
-        names = sorted(commit["files"])[self.rank::self.world_size]
-        try:
-            problems = storage.check_crc(step, commit, names)
-        except Exception as e:
-            problems = [f"reading on rank {self.rank} failed: {type(e).__name__}: {e}"]
-        gathered: list[list[str]] = [[] for _ in range(self.world_size)]
-        dist.all_gather_object(gathered, problems, group=self.ctrl)
-        problems = [p for rank_problems in gathered for p in rank_problems]
-        if problems:
-            raise damaged(problems)
-        logger.info("checkpoint: verified CRC32 of %d files of %s", len(commit["files"]),
-                    storage.step_url(step))
-        return items
-
-    def _load(self, storage: CheckpointStorage, step: int, commit: dict,
-              model_only: bool, others: list[int]) -> LoadResult:
-        cfg = self.cfg
-        start = time.perf_counter()
-        items = self._verify(storage, step, commit, others)
-        url = storage.step_url(step)
-        reader = step_reader(url, storage.options, items)
-        stored: set[str] = self._on_rank0(
-            lambda: set(step_reader(url, storage.options).read_metadata().state_dict_metadata))
-        stored_groups = {key.split(".", 1)[0] for key in stored}
-
-        groups = ["model"] if model_only else ["model", "optimizer", *self.states]
-        if not cfg.load_optim and "optimizer" in groups:
-            groups.remove("optimizer")
-        request: dict[str, Any] = {}
-        part_keys: dict[str, list[list[str]]] = {}  # model/optimizer: each part's keys
-        for group in groups:
-            if group in cfg.exclude_from_loading:
-                logger.info("checkpoint: not loading %s (exclude_from_loading)", group)
-            elif group not in stored_groups:
-                logger.info("checkpoint: %s has no %s; not loaded", url, group)
-            elif group in ("model", "optimizer"):
-                parts = self._part_states(group)
-                part_keys[group] = [list(part) for part in parts]
-                request[group] = {k: v for part in parts for k, v in part.items()}
-            else:
-                request[group] = dict(self.states[group].state_dict())
-        want_rng = not model_only and cfg.load_rng and "rng" not in cfg.exclude_from_loading
-        rank_key = f"rank{self.rank}"
-        # Only the generators this checkpoint has (a CPU run has no CUDA state).
-        rng = {k: v for k, v in rng_state().items() if f"rng.{rank_key}.{k}" in stored}
-        if want_rng and rng:
-            request["rng"] = {rank_key: rng}
-        elif want_rng and "rng" in stored_groups:
-            logger.warning("checkpoint: %s has no RNG state for rank %d (saved with world "
-                           "size %s); this rank keeps its own", url, self.rank,
-                           commit.get("world_size"))
-
-        unexpected, missing = self._check_keys(request, stored, url)
-        skipped = {}  # not in the checkpoint: these keep the value this run initialized
-        for key in unexpected:
-            group, _, name = key.partition(".")
-            if group in request and name in request[group]:
-                skipped[key] = request[group].pop(name)
-        try:
-            dcp.load(request, storage_reader=reader, planner=DefaultLoadPlanner(),
-                     process_group=self.pg)
-        except (Exception, CheckpointException) as e:
-            if "do not match the CRC32" in describe_error(e):
-                raise _damaged(storage, step, [describe_error(e)], others) from e
-            raise CheckpointError(
-                f"loading {url} failed (dist_ckpt_strictness = {cfg.dist_ckpt_strictness}): "
-                f"{describe_error(e)}") from e
-        for key, value in skipped.items():
-            group, _, name = key.partition(".")
-            request[group][name] = value
-        self._apply(request, part_keys)
-        seconds = time.perf_counter() - start
-        checked = getattr(reader, "checked_items", 0)
-        logger.info("checkpoint: loaded %s of %s in %.2f s (CRC32 of %d items checked on "
-                    "this rank)", sorted(request), url, seconds, checked)
-        return LoadResult(step, url, sorted(request), unexpected, missing)
-
-    def _model_args(self):
-        args = getattr(self.model_parts[0], "args", None)
-        if args is None or self.flavor is None:
-            raise CheckpointError("Hugging Face checkpoints need a raytitan Llama-3 model and "
-                                  "its flavor (run_info['flavor'])")
-        return args
-
     def _load_hf(self, folder: str) -> LoadResult:
         """Fill this rank's model parts from an HF folder (checked by `_choose`)."""
-        from raytitan.checkpoint.hf import fill_from_hf
-
         start = time.perf_counter()
-        self._on_every_rank(lambda: fill_from_hf(folder, self.model_parts, self._model_args()),
+        self._on_every_rank(lambda: self.initial_hf.fill(folder, self.model_parts),
                             f"loading Hugging Face weights from {folder}")
         logger.info("checkpoint: loaded the model from Hugging Face folder %s in %.2f s",
                     folder, time.perf_counter() - start)
         return LoadResult(0, folder, ["model"], [], [])
-
-    def _check_keys(self, request: dict[str, Any], stored: set[str],
-                    url: str) -> tuple[list[str], list[str]]:
-        """Apply dist_ckpt_strictness. Megatron's terms: 'unexpected' keys are requested by
-        this run but absent from the checkpoint; 'missing' keys are in the checkpoint (in the
-        groups being loaded) but requested by no rank. Decided on the union over ranks, so
-        every rank raises or loads alike."""
-        mode = self.cfg.dist_ckpt_strictness
-        if mode == "assume_ok_unexpected":
-            return [], []  # no check: DCP itself fails on a key the checkpoint lacks
-        flat = {f"{group}.{key}" for group, values in request.items() if group != "rng"
-                for key in values}
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, sorted(flat - stored), group=self.ctrl)
-        unexpected = sorted({k for keys in gathered for k in keys})
-        missing: list[str] = []
-        if mode.endswith("_all"):
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, sorted(flat), group=self.ctrl)
-            requested = {k for keys in gathered for k in keys}
-            groups = {g for g in request if g != "rng"}
-            missing = sorted(k for k in stored
-                             if k.split(".", 1)[0] in groups and k not in requested)
-        mismatch = (f"{len(unexpected)} requested key(s) absent from {url} "
-                    f"(e.g. {unexpected[:3]}); {len(missing)} key(s) of it not requested "
-                    f"(e.g. {missing[:3]})")
-        if mode == "raise_unexpected" and unexpected or mode == "raise_all" and (
-                unexpected or missing):
-            raise CheckpointError(f"dist_ckpt_strictness = {mode}: {mismatch}")
-        if mode.startswith("log") and (unexpected or missing):
-            logger.warning("checkpoint: key mismatch (%s): %s", mode, mismatch)
-        if mode == "return_unexpected":
-            missing = []
-        return unexpected, missing
-
-    def _apply(self, loaded: dict[str, Any], part_keys: dict[str, list[list[str]]]) -> None:
-        """Hand the loaded values to their owners (model parts by their own keys)."""
-        for part, names in zip(self.model_parts, part_keys.get("model", []), strict=False):
-            set_model_state_dict(part, {k: loaded["model"][k] for k in names},
-                                 options=StateDictOptions(strict=False))
-        for part, optimizer, names in zip(self.model_parts, self.optimizers,
-                                          part_keys.get("optimizer", []), strict=False):
-            set_optimizer_state_dict(part, optimizer,
-                                     {k: loaded["optimizer"][k] for k in names},
-                                     options=_OPTIM_OPTIONS)
-        for key, obj in self.states.items():
-            if key in loaded:
-                obj.load_state_dict(loaded[key])
-        if "rng" in loaded:
-            set_rng_state(loaded["rng"][f"rank{self.rank}"])
-
-
-def _damaged(storage: CheckpointStorage, step: int, problems: list[str], others: list[int]
-             ) -> CheckpointError:
-    return CheckpointError(
-        f"checkpoint {storage.step_url(step)} is damaged: {'; '.join(problems[:5])}. Nothing "
-        f"was deleted. Load another committed step with --checkpoint.load_step N (committed: "
-        f"{others or 'none'}), or move this one away")
 
 
 def build_checkpoint_storage(cfg: CheckpointConfig, dump_folder: str, run_name: str

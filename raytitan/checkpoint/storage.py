@@ -338,10 +338,12 @@ class CheckpointStorage:
             if exists:
                 self.fs.ls(bucket, detail=False)  # credentials that may list it
         except Exception as e:
-            raise CheckpointError(
+            error = CheckpointError(
                 f"checkpoint folder {self.url} cannot be reached: {describe_error(e)}. Check "
                 "the endpoint (storage_options endpoint_url, AWS_ENDPOINT_URL), the "
-                "credentials and the network") from e
+                "credentials and the network")
+            error.retryable = True  # a storage outage may pass: Ray may restart the run
+            raise error from e
         if not exists:
             raise CheckpointError(
                 f"checkpoint folder {self.url}: bucket {bucket!r} does not exist (raytitan "

@@ -172,7 +172,7 @@ def test_last_save_in_hf_from_a_sharded_run(base, tmp_path):
     import torch
     import transformers
 
-    from raytitan.checkpoint.hf import model_entries, read_model_tensors
+    from raytitan.interop.hf import model_entries, read_model_tensors
     from raytitan.models.llama3 import Llama3
     from raytitan.models.llama3.hf import flavor_args
 

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from raytitan.checkpoint import CheckpointError
-from raytitan.checkpoint.hf import HFExport, model_entries, read_model_tensors
 from raytitan.cli import main as cli_main
 from raytitan.config import ConfigError, load_job_config
+from raytitan.interop.hf import HFExport, model_entries, read_model_tensors
 from raytitan.models.llama3 import Llama3
 from raytitan.models.llama3.hf import check_hf_config, flavor_args, hf_config, to_hf_name
 from raytitan.train import Trainer, cross_entropy
@@ -346,7 +346,7 @@ def test_tied_embeddings_export_and_load(tmp_path):
         assert (model(tokens) - theirs(tokens).logits).abs().max() <= 1e-4
 
     # from-hf writes what a tied model's state dict holds, so a strict load works.
-    from raytitan.checkpoint.hf import import_hf
+    from raytitan.interop.hf import import_hf
     from raytitan.models.llama3 import LLAMA3_FLAVORS
 
     LLAMA3_FLAVORS["tied-test"] = args

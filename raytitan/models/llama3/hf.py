@@ -1,6 +1,6 @@
 """raytitan Llama-3 <-> Hugging Face `LlamaForCausalLM`: parameter names, the q/k row layout,
 and config.json. Pure functions of names, tensors and Llama3Args; reading and writing
-safetensors folders is in `raytitan/checkpoint/hf.py`.
+safetensors folders is in `raytitan/interop/hf.py`.
 
 raytitan (like Meta's checkpoints) rotates consecutive pairs of q/k features (x[2i],
 x[2i+1]); HF rotates the two halves of each head (x[i], x[i + E/2]). The two agree once the

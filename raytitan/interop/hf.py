@@ -3,8 +3,10 @@
     HFExport        a committed step's model -> an HF `LlamaForCausalLM` folder on any
                     filesystem (ranks split the shard files; remote files are written locally,
                     then uploaded). Used by `raytitan convert to-hf` and `last_save_in_hf`.
+    HFStepExport    `last_save_in_hf` for the CheckpointManager (its StepExport).
     HFCheckpoint    lazy, per-tensor reads of a local HF folder (`initial_load_in_hf`,
                     `raytitan convert from-hf`).
+    HFInitialLoad   `initial_load_in_hf` for the CheckpointManager (its InitialLoad).
     import_hf       an HF folder -> a committed model-only step (an `initial_load_path`).
     step_to_torch   a step -> one `torch.save` file (model only: Meta/torchtune names).
 
@@ -37,6 +39,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from raytitan.checkpoint.manager import TOKENIZER_FILES
 from raytitan.checkpoint.storage import (
     CheckpointError,
     CheckpointStorage,
@@ -304,6 +307,42 @@ class HFExport:
         return {**self.write_shards(), **self.write_rest(tokenizer_files)}
 
 
+class HFStepExport:
+    """last_save_in_hf: the final step of a run, also as a Hugging Face folder <step>/hf,
+    written before the step's commit (which covers its files).
+
+    Args:
+        flavor: the model flavor (its args: max_position_embeddings is the flavor's, not
+            training.seq_len).
+        dtype: the export dtype (checkpoint.export_dtype).
+        options: the checkpoint folder's storage options.
+    """
+
+    dirname = "hf"
+
+    def __init__(self, flavor: str, dtype: str, options: dict) -> None:
+        self.flavor, self.dtype, self.options = flavor, dtype, options
+        self._plan: HFExport | None = None
+
+    def _new_plan(self, step_url: str) -> HFExport:
+        # Every rank plans alike from the step's metadata (the step is not committed yet).
+        self._plan = HFExport.plan(step_url, f"{step_url}/{self.dirname}", options=self.options,
+                                   flavor=self.flavor, dtype=self.dtype, committed=False)
+        return self._plan
+
+    def write_shards(self, step_url: str, rank: int, world_size: int) -> dict[str, dict]:
+        """This rank's safetensors files; {name in hf/: {size, crc32}}."""
+        return self._new_plan(step_url).write_shards(rank, world_size)
+
+    def write_rest(self, step_url: str, tokenizer_files: dict[str, bytes]
+                   ) -> dict[str, dict]:
+        """config.json, the tokenizer files and (last) the index, by the plan write_shards
+        made for this step; {name in hf/: {size, crc32}}."""
+        plan = self._plan if self._plan and self._plan.step_url == step_url else \
+            self._new_plan(step_url)
+        return plan.write_rest(tokenizer_files)
+
+
 def hf_tokenizer_files(files: dict[str, bytes], max_length: int) -> dict[str, bytes]:
     """The tokenizer files of an HF folder: those given, plus a tokenizer_config.json and
     special_tokens_map.json for a bare tokenizer.json (raytitan's own BPE), so that
@@ -406,8 +445,6 @@ class HFCheckpoint:
 
 def read_tokenizer_files(path: str) -> dict[str, bytes]:
     """The tokenizer files of a local folder (TOKENIZER_FILES), or of one tokenizer.json."""
-    from raytitan.checkpoint.manager import TOKENIZER_FILES
-
     if not os.path.isdir(path):
         with open(path, "rb") as f:
             return {"tokenizer.json": f.read()}
@@ -430,6 +467,26 @@ def fill_from_hf(folder: str, model_parts: list[torch.nn.Module], args: Llama3Ar
         for name, param in part.named_parameters():
             full = hf.get(canonical_name(name), args)
             fill_param(param, full.to(device=param.device, dtype=param.dtype))
+
+
+class HFInitialLoad:
+    """initial_load_in_hf: a fresh run's model from a local HF folder.
+
+    Args:
+        args: the run's model args.
+        flavor: the run's model flavor (config.json must match it).
+    """
+
+    def __init__(self, args: Llama3Args, flavor: str) -> None:
+        self.args, self.flavor = args, flavor
+
+    def check(self, folder: str) -> None:
+        """Raise OSError or ValueError unless `folder` is an HF folder of this model."""
+        HFCheckpoint(folder).check(self.args, self.flavor)
+
+    def fill(self, folder: str, model_parts: list[torch.nn.Module]) -> None:
+        """Fill this rank's model parts from `folder` (fill_from_hf)."""
+        fill_from_hf(folder, model_parts, self.args)
 
 
 def resolve_step_url(out: str) -> str:

@@ -1,0 +1,87 @@
+"""What a step holds, and the objects that own it: the model and optimizer state of each
+model part (keyed by canonical FQN, so it reshards onto any mesh), the other top-level keys'
+Stateful objects, and each rank's RNG state. Used by saving and loading alike."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StepContents:
+    """This rank's owners of a step's top-level keys.
+
+    Args:
+        model_parts: this rank's model parts (one, or its pipeline stages).
+        optimizers: one optimizer per model part.
+        states: the other top-level keys: lr_scheduler, train_state, dataloader.
+        rank: this rank (its RNG state is saved as rng.rank<r>).
+    """
+
+    def __init__(self, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                 states: dict[str, Stateful], rank: int) -> None:
+        self.model_parts = model_parts
+        self.optimizers = optimizers
+        self.states = states
+        self.rank = rank
+
+    def part_states(self, group: str) -> list[dict[str, Any]]:
+        """The model or optimizer state of each model part, keyed by FQN (parts never
+        share a key, so the merged dict is the whole group)."""
+        if group == "model":
+            return [get_model_state_dict(part) for part in self.model_parts]
+        return [get_optimizer_state_dict(part, optimizer, options=_OPTIM_OPTIONS)
+                for part, optimizer in zip(self.model_parts, self.optimizers, strict=True)]
+
+    def merged_state(self, group: str) -> dict[str, Any]:
+        return {k: v for part in self.part_states(group) for k, v in part.items()}
+
+    def apply(self, loaded: dict[str, Any], part_keys: dict[str, list[list[str]]]) -> None:
+        """Hand the loaded values to their owners (model parts by their own keys)."""
+        for part, names in zip(self.model_parts, part_keys.get("model", []), strict=False):
+            set_model_state_dict(part, {k: loaded["model"][k] for k in names},
+                                 options=StateDictOptions(strict=False))
+        for part, optimizer, names in zip(self.model_parts, self.optimizers,
+                                          part_keys.get("optimizer", []), strict=False):
+            set_optimizer_state_dict(part, optimizer,
+                                     {k: loaded["optimizer"][k] for k in names},
+                                     options=_OPTIM_OPTIONS)
+        for key, obj in self.states.items():
+            if key in loaded:
+                obj.load_state_dict(loaded[key])
+        if "rng" in loaded:
+            set_rng_state(loaded["rng"][f"rank{self.rank}"])
