@@ -22,12 +22,13 @@ from ray.train import (
     FailureConfig,
     RunConfig,
     ScalingConfig,
+    UserCallback,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raytitan.checkpoint import build_checkpoint_storage, checkpoint_base
+from raytitan.checkpoint import CheckpointError, build_checkpoint_storage, checkpoint_base
 from raytitan.checkpoint.storage import parse_storage_options
-from raytitan.config import JobConfig, build_job_config, to_dict
+from raytitan.config import ConfigError, JobConfig, build_job_config, to_dict
 from raytitan.data import resolve_dataset
 from raytitan.data.ray_io import prepare_ray, read_shards_ray
 from raytitan.plan import build_plan
@@ -39,28 +40,56 @@ logger = logging.getLogger("raytitan")
 _SPARE_CPUS_FOR_DATA = 2
 
 
+class FinalError(RuntimeError):
+    """An error that a restart would raise again (a bad config, a damaged or foreign
+    checkpoint, another run's folder, divergence): the run fails at once instead of burning
+    ray.max_failures restarts. Transient ones (a lost node, storage hiccups) stay retried."""
+
+
+class _FailFast(UserCallback):
+    """Runs in Ray Train's controller: a worker group failing with FinalError on any rank
+    ends the run (an error raised here is final for Ray's failure policy)."""
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        final = {rank: e for rank, e in worker_exceptions.items()
+                 if "FinalError" in f"{type(e).__name__} {e}"}
+        if final:
+            rank, error = min(final.items())
+            raise FinalError(f"rank {rank} failed with an error a restart would repeat, so "
+                             f"ray.max_failures is not used: {str(error).strip()[-2000:]}")
+
+
 def _train_loop_per_worker(config: dict) -> None:
     """Runs in each Ray worker: the same Trainer as under torchrun, fed by Ray Data. After a
     worker-group restart, Ray's latest registered checkpoint is a hint; the Trainer resumes
     from the newest committed step in storage if that is newer (Ray can miss a report made
     just before a crash). `run_id` is this launch's: worker-group restarts share it, so a
     restarted group takes over its own folder lease at once (checkpoint/lease.py)."""
-    from raytitan.train import Trainer
+    from raytitan.train import NonFiniteError, Trainer
 
     os.environ["RAYTITAN_RUN_ID"] = config["run_id"]
     cfg = build_job_config(config["job"])
     reported = ray.train.get_checkpoint()
-    trainer = Trainer(
-        cfg,
-        read_shards=read_shards_ray,
-        report=_report,
-        reported_checkpoint=reported.path.rstrip("/").rsplit("/", 1)[-1] if reported else None,
-        external_retention=True,  # CheckpointConfig(num_to_keep)
-    )
-    if cfg.checkpoint.create_seed_checkpoint:
-        trainer.create_seed_checkpoint()
-    else:
-        trainer.train()
+    try:  # everything before training: config, storage, lease, choice, load
+        trainer = Trainer(
+            cfg,
+            read_shards=read_shards_ray,
+            report=_report,
+            reported_checkpoint=(reported.path.rstrip("/").rsplit("/", 1)[-1] if reported
+                                 else None),
+            external_retention=True,  # CheckpointConfig(num_to_keep)
+        )
+    except (ConfigError, CheckpointError) as e:
+        if getattr(e, "retryable", False):
+            raise
+        raise FinalError(f"{type(e).__name__}: {e}") from e
+    try:
+        if cfg.checkpoint.create_seed_checkpoint:
+            trainer.create_seed_checkpoint()
+        else:
+            trainer.train()
+    except (ConfigError, NonFiniteError) as e:  # save errors (I/O) stay retryable
+        raise FinalError(f"{type(e).__name__}: {e}") from e
 
 
 def _report(metrics: dict, step_dir_name: str | None) -> None:
@@ -156,6 +185,7 @@ def launch(cfg: JobConfig) -> ray.train.Result:
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_latest_k or None),
+            callbacks=[_FailFast()],
         ),
     )
     result = trainer.fit()

@@ -128,3 +128,19 @@ def test_driver_killed_then_rerun_resumes_the_same_job(base, reference, tmp_path
         proc.kill()
     assert "/checkpoint/ft/step-10 in" in (tmp_path / "run.log").read_text()
     assert read_losses(dump) == reference
+
+
+def test_a_deterministic_error_is_not_retried(base, tmp_path):
+    """A bad load_step fails the same way on every restart: with ray.max_failures = 3 the
+    run still ends after the first attempt, with the error, instead of burning restarts."""
+    overrides = {**base, "ray.max_failures": "3", "checkpoint.load_step": "5"}
+    dump = tmp_path / "run"
+    proc = start_job(overrides, dump)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    log = (tmp_path / "run.log").read_text()
+    assert rc != 0
+    assert "checkpoint.load_step = 5" in log and "ray.max_failures is not used" in log
+    assert "RETRY" not in log, log[-4000:]
