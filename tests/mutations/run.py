@@ -48,14 +48,14 @@ MUTATIONS = [
              'self.samples_consumed = int(state["samples_consumed"])',
              'self.samples_consumed = self.samples_consumed',
              [RESUME]),
-    Mutation("rng-not-restored", "raytitan/checkpoint/manager.py",
+    Mutation("rng-not-restored", "raytitan/checkpoint/state.py",
              '    if "torch" in state:\n        torch.set_rng_state(state["torch"])',
              '    if False:\n        torch.set_rng_state(state["torch"])',
              [f"{U}test_checkpoint.py::test_resume_restores_everything_bitwise"]),
-    Mutation("optimizer-not-restored", "raytitan/checkpoint/manager.py",
-             '            set_optimizer_state_dict(part, optimizer,',
-             '            continue\n            set_optimizer_state_dict(part, optimizer,',
-             [f"{U}test_checkpoint.py::test_resume_restores_everything_bitwise", RESUME]),
+    Mutation("optimizer-not-restored", "raytitan/checkpoint/loading.py",
+             'groups = ["model"] if model_only else ["model", "optimizer", *self.states]',
+             'groups = ["model"] if model_only else ["model", *self.states]',
+             [RESUME, f"{U}test_checkpoint.py::test_resume_restores_everything_bitwise"]),
     Mutation("tp-not-applied", "raytitan/models/llama3/parallelize.py",
              '        apply_tp(model, mesh["tp"])', '        pass',
              [f"{D}test_placements.py::test_tp_shards_attention_and_mlp"]),
@@ -81,12 +81,12 @@ MUTATIONS = [
              '        pending = None\n        if pending is not None and '
              'pending.staging is not None:',
              [f"{U}test_reliability.py::test_the_optimizer_waits_for_the_background_copy"]),
-    Mutation("commit-before-every-rank-persisted", "raytitan/checkpoint/manager.py",
-             '        if int(flags[0]) < self.world_size and not int(flags[1]):',
-             '        if not done and not int(flags[1]):',
-             [f"{D}test_faults.py::test_sigkill_of_every_process_mid_persist_loses_nothing"
-              "[async_with_pinned_mem]",
-              f"{D}test_checkpoint.py::test_async_save_is_exact_and_resumes_bitwise"]),
+    Mutation("commit-before-shards", "raytitan/checkpoint/manager.py",
+             '            try:\n                dcp.save(state, storage_writer=writer, '
+             'process_group=self.pg)',
+             '            self._commit(step, model_only, dtype, 0.0)\n            try:\n'
+             '                dcp.save(state, storage_writer=writer, process_group=self.pg)',
+             [f"{U}test_checkpoint.py::test_crash_during_save_keeps_previous_step_latest"]),
     Mutation("commit-without-file-check", "raytitan/checkpoint/storage.py",
              '        if problems := self.check_sizes(step, {"files": entries}):',
              '        if problems := []:',
@@ -182,8 +182,11 @@ def run_one(mutation: Mutation, timeout: float) -> tuple[str, float, str]:
             return "SURVIVED", seconds, tail[0]
         if proc.returncode in (4, 5):  # usage error / no tests collected: a broken entry
             return "BROKEN ENTRY", seconds, proc.stdout[-500:]
-        failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
-        return "CAUGHT", seconds, (failed[0] if failed else tail[0])[:160]
+        lines = proc.stdout.splitlines()
+        failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        why = [line[1:].strip() for line in lines if line.startswith("E ")]
+        return "CAUGHT", seconds, " | ".join(
+            [(failed[0] if failed else tail[0])[:120], *(why[:1] and [why[0][:160]])])
 
 
 def main() -> None:
