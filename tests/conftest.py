@@ -3,6 +3,7 @@ torchrun (gloo, CPU) and returns the logged losses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,6 +60,20 @@ def world_of_one():
                             world_size=1)
     yield
     dist.destroy_process_group()
+
+
+# Checkpoint managers opened by in-process tests; closed (lease released, heartbeat stopped)
+# after each test, so no heartbeat thread outlives its tmp_path.
+OPEN_MANAGERS: list = []
+
+
+@pytest.fixture(autouse=True)
+def close_open_managers():
+    yield
+    while OPEN_MANAGERS:
+        manager = OPEN_MANAGERS.pop()
+        with contextlib.suppress(Exception):  # the test already judged its failures
+            manager.close()
 
 
 def free_port() -> int:

@@ -135,6 +135,8 @@ class FolderLease:
                                  self.lost, self.storage.url)
                     return
                 self._write()
+            except FileNotFoundError:  # the folder went away under us: check() says so
+                return
             except Exception as e:  # a storage hiccup: try again at the next beat
                 logger.warning("checkpoint: lease heartbeat on %s failed: %s: %s",
                                self.storage.url, type(e).__name__, e)

@@ -75,16 +75,21 @@ def test_second_writer_refused_and_orphaned_ranks_stop(base, tmp_path):
         time.sleep(2)
         assert committed(dump) == after  # nothing committed by orphans
     finally:
-        for pid in [agent.pid, *descendants(agent.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_tree(agent.pid)
     newest = after[-1]
     run_torchrun(2, {**long_run, "training.steps": str(newest + 1)}, dump, read=False)
     log_c = last_run_log(dump)
     assert "taking over the stale lease" in log_c and "its process is gone" in log_c
     assert f"resumed from {dump / RUN_DIR}/step-{newest}: step {newest}" in log_c
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (the torchrun agent, ranks, persisters)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _alive(pid: int) -> bool:
@@ -171,11 +176,7 @@ def test_sigkill_of_every_process_mid_persist_loses_nothing(base, tmp_path, mode
         assert intent.exists(), "the save of step 20 never started"
         time.sleep(2)  # well inside the 60 s persist
     finally:
-        for pid in [agent.pid, *descendants(agent.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_tree(agent.pid)
         agent.wait(timeout=30)
     assert committed(dump) == [10]
     losses = run_torchrun(2, overrides, dump)

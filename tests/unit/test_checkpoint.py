@@ -18,6 +18,7 @@ from raytitan.checkpoint.folder import open_folder
 from raytitan.checkpoint.storage import COMMIT_FILE, StepWriter
 from raytitan.config import ConfigError
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
+from tests.conftest import OPEN_MANAGERS
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
 
@@ -50,6 +51,7 @@ class Run:
             self.cfg, storage=self.storage, model_parts=[self.model], optimizers=[self.opt],
             states={"train_state": self.train_state, "dataloader": self.dataloader},
             files=lambda: {"run_config.toml": b"x = 1\n"}, folder=folder)
+        OPEN_MANAGERS.append(self.ckpt)
 
     def step(self) -> None:
         loss = self.model(torch.randn(4, 8)).square().mean()
