@@ -124,6 +124,7 @@ def test_data_position_re_splits_from_dp2_to_dp1(reference, tiny_dataset):
         seen |= ids
 
 
+@pytest.mark.slow  # 37 s: four meshes
 def test_seed_checkpoint_starts_every_mesh_from_the_same_weights(base, tmp_path):
     seed_run = tmp_path / "seed"
     run_torchrun(1, {**base, "checkpoint.create_seed_checkpoint": "true",

@@ -105,6 +105,7 @@ def test_worker_killed_after_step_13_is_restarted_and_finishes_exactly(base, ref
     assert read_losses(dump) == reference  # steps 1-10 from before, 11-20 recomputed
 
 
+@pytest.mark.slow  # 85 s; the worker-kill test above keeps Ray restore in CI
 def test_driver_killed_then_rerun_resumes_the_same_job(base, reference, tmp_path):
     overrides = {**base, "checkpoint.async_mode": "async", "ray.max_failures": "0"}
     dump = tmp_path / "run"

@@ -43,7 +43,10 @@ def test_train_from_s3_matches_local(s3, tiny_dataset, tmp_path):
     assert remote == local
 
 
-@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+@pytest.mark.parametrize("mode", [
+    pytest.param("async", marks=pytest.mark.slow),  # pinned (in CI) covers the same path
+    "async_with_pinned_mem",
+])
 def test_checkpoints_on_s3_resume_exactly(s3, tiny_dataset, tmp_path, mode):
     """The checkpoint folder on s3://: shards go straight to the bucket (from a thread, or
     from the persist process), a run stopped after step 10 resumes bitwise; storage options
