@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import socket
 import sys
 import threading
@@ -140,6 +141,11 @@ class Trainer:
             logger.info("job %s: %s", cfg.job.name, cfg.job.description)
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // local_procs))
+        # The process RNGs (torch CPU + CUDA, python) start from the seed as well, one stream
+        # per rank, so runs with one seed hold the same RNG state at every step (weight init
+        # and the data order draw from their own generators).
+        torch.manual_seed(t.seed * 1_000_003 + self.rank)
+        random.seed(t.seed * 1_000_003 + self.rank)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

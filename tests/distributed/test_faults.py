@@ -163,7 +163,9 @@ def test_sigkill_of_every_process_mid_persist_loses_nothing(base, tmp_path, mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "raytitan.train",
            *overrides_to_argv({**overrides, "job.dump_folder": str(dump)})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HOOKS,
+    # ROOT too: the hooks import raytitan before `-m` puts the working directory on sys.path,
+    # and that import must be this tree's (not an installed copy's: the mutation check).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([HOOKS, str(ROOT)]),
            "RAYTITAN_SLOW_STAGING_SEC": "1", "RAYTITAN_SLOW_PERSIST": "step-20:60"}
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(tmp_path / "killed.log", "w"),
                              stderr=subprocess.STDOUT)

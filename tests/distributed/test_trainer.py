@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import BASE_OVERRIDES, run_torchrun
 
@@ -38,7 +39,23 @@ def test_metrics_jsonl_and_tensorboard(reference):
 
 
 def test_two_runs_are_bitwise_identical(reference, base, tmp_path):
-    assert run_torchrun(1, base, tmp_path) == reference[1]
+    """Losses, and the RNG state each rank saves (the process RNGs are seeded too)."""
+    saved = {**base, "checkpoint.enable": "true"}
+    assert run_torchrun(2, saved, tmp_path / "a") == run_torchrun(2, saved, tmp_path / "b")
+    assert run_torchrun(1, base, tmp_path / "c") == reference[1]
+    rng = [saved_rng(tmp_path / run / "checkpoint" / "raytitan" / "step-10") for run in "ab"]
+    assert set(rng[0]) == {"rank0", "rank1"}
+    assert not torch.equal(rng[0]["rank0"]["torch"], rng[0]["rank1"]["torch"])  # per rank
+    for rank in rng[0]:
+        assert torch.equal(rng[0][rank]["torch"], rng[1][rank]["torch"]), rank
+        assert rng[0][rank]["python"] == rng[1][rank]["python"], rank
+
+
+def saved_rng(step_dir) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(step_dir), str(step_dir.parent / "full.pt"))
+    return torch.load(step_dir.parent / "full.pt", weights_only=False)["rng"]
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
