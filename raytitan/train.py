@@ -144,8 +144,9 @@ class Trainer:
         # The process RNGs (torch CPU + CUDA, python) start from the seed as well, one stream
         # per rank, so runs with one seed hold the same RNG state at every step (weight init
         # and the data order draw from their own generators).
-        torch.manual_seed(t.seed * 1_000_003 + self.rank)
-        random.seed(t.seed * 1_000_003 + self.rank)
+        rank_seed = t.seed * 1_000_003 + self.rank
+        torch.manual_seed(rank_seed)
+        random.seed(rank_seed)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

@@ -142,7 +142,7 @@ MUTATIONS = [
              [f"{U}test_reliability.py::"
               "test_minus_one_global_batch_keeps_the_checkpoints_on_fewer_ranks"]),
     Mutation("process-rng-not-seeded", "raytitan/train.py",
-             '        torch.manual_seed(t.seed * 1_000_003 + self.rank)\n', '',
+             '        torch.manual_seed(rank_seed)\n', '',
              [f"{D}test_trainer.py::test_two_runs_are_bitwise_identical"]),
 ]
 

@@ -490,7 +490,7 @@ def test_ckpt_ls_show_verify(tmp_path, capsys):
 
 @pytest.mark.parametrize(("n1", "n2"), [(0, 0), (0, 7), (7, 0), (1, 1), (4096, 3), (5, 1 << 20)])
 def test_crc32_combine_equals_the_crc_of_the_concatenation(n1, n2):
-    from raytitan.checkpoint.storage import crc32_combine
+    from raytitan.checkpoint.crc import crc32_combine
 
     a, b = os.urandom(n1), os.urandom(n2)
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b)
