@@ -105,7 +105,19 @@ def init_distributed() -> torch.device:
     did, and return this process's device: CUDA iff the group runs NCCL (under Ray that is
     `ray.use_gpu`), so the model never lands on a GPU behind a gloo group or vice versa."""
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # NOTE: torchrun's agent keeps one store across worker restarts, and every attempt
+            # uses the same keys: a restarted rank can read a dead rank's address and fail to
+            # connect. Each attempt gets its own key prefix.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  is_master=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}", store),
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend)
     if dist.get_backend() != "nccl":
         return torch.device("cpu")
     # Ray may show each worker all GPUs of its node or only its own: modulo covers both.
@@ -123,6 +135,8 @@ class Trainer:
         report: ReportFn | None = None,
         reported_checkpoint: str | None = None,
         external_retention: bool = False,
+        preemption: Callable[[], bool] | None = None,
+        exit_on_preemption: bool = True,
     ) -> None:
         """Args:
             cfg: the validated job config.
@@ -130,9 +144,19 @@ class Trainer:
             report: called on every rank with (metrics, committed step dir name or None).
             reported_checkpoint: the step dir name of Ray's latest registered checkpoint.
             external_retention: the launcher (Ray) deletes old checkpoints, not us.
+            preemption: called every step on every rank (all ranks must get the same
+                answer): True once this run is about to lose a node (SIGTERM under torchrun,
+                Ray's preemption notice). Then the step is saved to the fastest tier that
+                survives the node (a peer replica, else persistent storage).
+            exit_on_preemption: stop after that save (torchrun), or keep training until the
+                node goes (Ray restarts the run from the save).
         """
         self.cfg = cfg
         self.report = report
+        self.preemption = preemption
+        self.exit_on_preemption = exit_on_preemption
+        self.preempted_at: int | None = None
+        """The step saved on a preemption notice, if one came."""
         t = cfg.training
         self.device = init_distributed()
         self.rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -248,6 +272,7 @@ class Trainer:
                 folder=self.folder,
                 final_export=final_export,
                 initial_hf=initial_hf,
+                dump_folder=cfg.job.dump_folder,
             )
         self.loaded = None
         """What the run resumed from (a LoadResult), or None for a fresh start."""
@@ -424,9 +449,17 @@ class Trainer:
                 if cfg.on_nonfinite == "stop" and not (math.isfinite(last["loss"])
                                                        and math.isfinite(last["grad_norm"])):
                     self._stop_nonfinite(last)
-            if ckpt is not None and ckpt.should_save(self.step, cfg.steps):
+            due = ckpt.save_due(self.step, cfg.steps) if ckpt is not None else None
+            if due == "persistent":
                 final_saved = self.step == cfg.steps  # its commit reports the final metrics
                 ckpt.save(self.step, final=final_saved)
+            elif due == "fast":
+                ckpt.save_fast(self.step)
+            if (self.preemption is not None and self.preempted_at is None
+                    and self.preemption()):
+                self._emergency_save(due)
+                if self.exit_on_preemption:
+                    break
         if ckpt is not None:
             ckpt.close()
         self.stream.close()
@@ -434,6 +467,31 @@ class Trainer:
             self.report(last, None)
         self.metrics.close()
         return last
+
+    def _emergency_save(self, due: str | None) -> None:
+        """The node is going away: make this step durable where it survives the node, now
+        (the step just saved is waited for), so the resumed run repeats no step."""
+        ckpt, step = self.checkpointer, self.step
+        self.preempted_at = step
+        if ckpt is None:
+            logger.warning("step %d: preemption notice, but checkpoint.enable = false: "
+                           "nothing to save", step)
+            return
+        start = time.perf_counter()
+        if ckpt.fast is not None and ckpt.fast.survives_node_loss:
+            if due != "fast":
+                ckpt.save_fast(step)
+            ckpt.fast.wait()
+            where = f"the fast tier ({ckpt.fast.dir}, replicated on other nodes)"
+        else:
+            if due != "persistent":
+                ckpt.save(step)
+            ckpt.poll(wait=True)
+            where = ckpt.storage.step_url(step)
+        logger.warning("step %d: preemption notice: emergency save to %s in %.2f s%s", step,
+                       where, time.perf_counter() - start,
+                       "; stopping" if self.exit_on_preemption else "; training on until "
+                       "the node goes")
 
     def _stop_nonfinite(self, last: dict) -> None:
         """Every rank sees the same global loss and norm, so every rank stops here."""
@@ -500,6 +558,32 @@ def _exit_when_orphaned(poll_sec: float = 1.0) -> None:
     threading.Thread(target=watch, name="raytitan-orphan-watch", daemon=True).start()
 
 
+def _sigterm_flag() -> Callable[[], bool]:
+    """From the first step on, SIGTERM (torchrun forwards it to every rank before it kills
+    them) sets a flag that the returned check, called every step, agrees on across ranks
+    (an all-reduce). Before that (building, loading) SIGTERM ends the process as usual: a
+    Python handler would not run while a rank waits in C++ for a dead peer."""
+    import signal
+
+    got = [0]
+
+    def handler(signum, frame) -> None:
+        if got[0]:  # a second SIGTERM: no more waiting
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        got[0] = 1
+        logger.warning("SIGTERM: saving at the end of this step")
+
+    def check() -> bool:
+        if got[0] == 0 and signal.getsignal(signal.SIGTERM) is not handler:
+            signal.signal(signal.SIGTERM, handler)
+        flag = torch.tensor([got[0]])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag[0])
+
+    return check
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -514,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"error: {e}")
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, preemption=_sigterm_flag())
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.create_seed_checkpoint()
         else:
@@ -524,6 +608,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     dist.barrier()
     dist.destroy_process_group()
+    if trainer.preempted_at is not None:
+        logger.info("stopped by SIGTERM: %s saved at step %d; resume repeats no step",
+                    cfg.job.name, trainer.preempted_at)
+        return
     # Every rank has finished its work (the barrier). NOTE: rarely a process still aborts
     # during interpreter shutdown afterwards (PLATFORM.md); this line tells the run was good.
     logger.info("done: %s at step %d", cfg.job.name, trainer.step)

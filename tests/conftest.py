@@ -102,17 +102,23 @@ def read_losses(dump_folder: str | Path) -> list[float]:
         return [json.loads(line)["loss"] for line in f]
 
 
+HOOKS = str(ROOT / "tests" / "fault_hooks")
+
+
 def run_torchrun(nproc: int, overrides: dict[str, str], dump_folder: Path,
-                 timeout: int = 300, *, read: bool = True) -> list[float]:
+                 timeout: int = 300, *, read: bool = True, env: dict[str, str] | None = None,
+                 max_restarts: int = 0) -> list[float]:
     """Run `python -m torch.distributed.run -m raytitan.train` and return the losses
-    (of steps 1.. in metrics.jsonl, which a resumed run extends)."""
+    (of steps 1.. in metrics.jsonl, which a resumed run extends). `env`: extra variables
+    (with any, the fault hooks of tests/fault_hooks are loaded too)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "torch.distributed.run", f"--max-restarts={max_restarts}",
         f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         "-m", "raytitan.train",
         *overrides_to_argv({**overrides, "job.dump_folder": str(dump_folder)}),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = {"PYTHONPATH": os.pathsep.join([HOOKS, str(ROOT)]), **env} if env else {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
     os.makedirs(dump_folder, exist_ok=True)

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from raytitan.checkpoint.collectives import on_every_rank, on_rank0
+from raytitan.checkpoint.fast import FastTier
 from raytitan.checkpoint.folder import OpenFolder, open_folder
 from raytitan.checkpoint.formats import InitialLoad, StepExport
 from raytitan.checkpoint.loading import LoadResult, StepLoader
@@ -96,6 +97,7 @@ class CheckpointManager:
             used, with last_save_in_hf).
         initial_hf: reads initial_load_path into the model (needed, and only used, with
             initial_load_in_hf).
+        dump_folder: the job's dump folder (a relative non_persistent_global_ckpt_dir).
 
     Raises:
         CheckpointError: last_save_in_hf without final_export, or initial_load_in_hf
@@ -117,6 +119,7 @@ class CheckpointManager:
         folder: OpenFolder | None = None,
         final_export: StepExport | None = None,
         initial_hf: InitialLoad | None = None,
+        dump_folder: str = ".",
     ) -> None:
         for option, given, name in (("last_save_in_hf", final_export, "final_export"),
                                     ("initial_load_in_hf", initial_hf, "initial_hf")):
@@ -165,6 +168,13 @@ class CheckpointManager:
                 use_non_blocking_copy=gpu and pinned))
         self.last_stall_sec = 0.0
         self.last_save_sec = 0.0
+        self.last_save_time = time.monotonic()
+        self.fast: FastTier | None = None
+        if cfg.fast_tier and not cfg.load_only:
+            self.fast = FastTier(cfg, self.contents, lineage=self.folder.lineage,
+                                 run_info=self.run_info, job=self.run_info.get("job", "job"),
+                                 dump_folder=dump_folder,
+                                 background=cfg.async_mode != "disabled")
 
     # -- collective helpers -------------------------------------------------------------
 
@@ -177,7 +187,38 @@ class CheckpointManager:
     # -- saving -------------------------------------------------------------------------
 
     def should_save(self, step: int, last_step: int) -> bool:
-        return not self.cfg.load_only and (step % self.cfg.interval == 0 or step == last_step)
+        return self.save_due(step, last_step) == "persistent"
+
+    def save_due(self, step: int, last_step: int) -> str | None:
+        """Collective when a time-based interval is set. "persistent", "fast" or None: the
+        tier `step` is saved to (a persistent save makes a fast one that step redundant)."""
+        cfg = self.cfg
+        if cfg.load_only:
+            return None
+        timed = [False, False]
+        if cfg.interval_seconds or cfg.non_persistent_interval_seconds:
+            # Every rank must agree: rank 0's clock decides.
+            now = time.monotonic()
+            flags = torch.tensor([
+                int(bool(cfg.interval_seconds)
+                    and now - self.last_save_time >= cfg.interval_seconds),
+                int(self.fast is not None and bool(cfg.non_persistent_interval_seconds)
+                    and now - self.fast.last_save_time >= cfg.non_persistent_interval_seconds)])
+            dist.broadcast(flags, src=0, group=self.ctrl)
+            timed = [bool(flags[0]), bool(flags[1])]
+        if step % cfg.interval == 0 or step == last_step or timed[0]:
+            return "persistent"
+        if self.fast is not None and (timed[1] or (
+                cfg.non_persistent_save_interval
+                and step % cfg.non_persistent_save_interval == 0)):
+            return "fast"
+        return None
+
+    def save_fast(self, step: int) -> None:
+        """Save `step` to the fast tier (docs/checkpointing.md "Tiers")."""
+        self._check_finite(step)
+        self.fast.save(step)
+        self.last_stall_sec = self.fast.last_stall_sec
 
     def save(self, step: int, *, final: bool = False, model_only: bool = False) -> None:
         """Save `step`. Asynchronous per async_mode unless `final`; at most one save is in
@@ -188,6 +229,7 @@ class CheckpointManager:
         model_only = model_only or export
         self.poll(wait=True)
         start = time.perf_counter()
+        self.last_save_time = time.monotonic()
         self._check_finite(step)
         self._on_rank0(lambda: self._prepare_step_dir(step))
         dtype = self.cfg.export_dtype if export else "float32"
@@ -250,6 +292,8 @@ class CheckpointManager:
     def poll(self, *, wait: bool = False) -> None:
         """Commit the in-flight save if every rank has persisted it (`wait`: wait for that).
         A failed background save raises here."""
+        if self.fast is not None:
+            self.fast.wait() if wait else self.fast.poll()
         pending = self._pending
         if pending is None:
             return
@@ -277,6 +321,8 @@ class CheckpointManager:
         try:
             self.poll(wait=True)
         finally:
+            if self.fast is not None:
+                self.fast.close()
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
@@ -448,6 +494,9 @@ class CheckpointManager:
         run's progress but cannot be loaded).
         """
         url, step, commit, model_only, others = self._on_rank0(self._choose)
+        if self.fast is not None:
+            if (result := self._load_fast(step if commit is not None else None)) is not None:
+                return result
         if url is None:
             return None
         if commit is None:  # a Hugging Face folder (initial_load_in_hf)
@@ -455,6 +504,47 @@ class CheckpointManager:
         storage = (self.storage if url == self.storage.url
                    else CheckpointStorage(url, self.storage.options))
         return self.loader.load(storage, step, commit, model_only, others)
+
+    def _load_fast(self, persistent_step: int | None) -> LoadResult | None:
+        """Resume from the fast tier if it holds a newer complete step for this mesh."""
+        fast = self.fast
+        if self.cfg.load_step >= 0:  # an explicit persistent step
+            fast.cleanup_after_choice(None)
+            return None
+        choice = fast.choose(persistent_step)
+        fast.cleanup_after_choice(choice.step if choice else None)
+        if choice is None:
+            return None
+        start = time.perf_counter()
+        cfg = self.cfg
+        request: dict[str, Any] = {}
+        part_keys: dict[str, list[list[str]]] = {}
+        for group in ("model", "optimizer"):
+            parts = self.contents.part_states(group)
+            part_keys[group] = [list(part) for part in parts]
+            request[group] = {k: v for part in parts for k, v in part.items()}
+        for key, obj in self.states.items():
+            request[key] = dict(obj.state_dict())
+        request["rng"] = {f"rank{self.rank}": rng_state()}
+        skip = set(cfg.exclude_from_loading) | ({"optimizer"} if not cfg.load_optim else set()) \
+            | ({"rng"} if not cfg.load_rng else set())
+        for key in skip:
+            request.pop(key, None)
+            part_keys.pop(key, None)
+        sources = fast.load(choice, request)
+        self.contents.apply(request, part_keys)
+        seconds = time.perf_counter() - start
+        if self.rank == 0:
+            replicas = {r: s for r, s in sources.items() if s != "own node"}
+            logger.info("checkpoint: resumed from the FAST TIER, step %d of %s in %.2f s: "
+                        "%s; nothing read from persistent storage%s", choice.step, fast.dir,
+                        seconds, "every rank from its own node" if not replicas else
+                        f"ranks {sorted(replicas)} from peer replicas ("
+                        + "; ".join(f"rank {r}: {s}" for r, s in sorted(replicas.items())) + ")",
+                        f" (its newest step is {persistent_step})"
+                        if persistent_step is not None else "")
+        return LoadResult(choice.step, f"fast tier {fast.dir}/step-{choice.step}",
+                          sorted(request), [], [])
 
     def _choose(self):
         cfg, choice, where = self.cfg, self.folder.choice, self.storage.url

@@ -287,6 +287,8 @@ ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Top-level keys of a checkpoint, the valid entries of exclude_from_loading.
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "train_state", "dataloader", "rng")
+FAST_TIER_TYPES = ("local", "global")
+FAST_TIER_ALGOS = ("fully_parallel", "atomic")
 # Megatron's dist_ckpt_strictness values (see docs/checkpointing.md for what each does).
 STRICTNESS = ("assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
               "raise_all", "return_unexpected", "return_all", "ignore_all")
@@ -394,10 +396,67 @@ class Checkpoint:
     """Seconds without a heartbeat after which another run may take over this run's folder
     (a run renews its lease every lease_timeout / 4 s; a second live run is refused)."""
 
+    interval_seconds: float = 0.0
+    """Also save when this many seconds have passed since the last save (0 = steps only)."""
+
+    # -- the fast (non-persistent) tier: docs/checkpointing.md "Tiers" ---------------------
+
+    non_persistent_save_interval: int = 0
+    """Save to the fast tier every this many steps (0 = no fast tier). Recovery takes the
+    newest complete step of either tier."""
+
+    non_persistent_interval_seconds: float = 0.0
+    """Also save to the fast tier when this many seconds have passed since its last save."""
+
+    non_persistent_ckpt_type: str = "local"
+    """local: each rank writes its own state to node-local storage
+    (non_persistent_local_ckpt_dir); global: to non_persistent_global_ckpt_dir, one
+    filesystem every node mounts."""
+
+    non_persistent_local_ckpt_dir: str = ""
+    """Node-local fast-tier folder; empty = /dev/shm/raytitan/<job.name> (RAM)."""
+
+    non_persistent_global_ckpt_dir: str = ""
+    """Shared fast-tier folder (non_persistent_ckpt_type = global); relative to
+    job.dump_folder unless absolute. Old steps are deleted as soon as a newer one is whole."""
+
+    non_persistent_local_ckpt_algo: str = "fully_parallel"
+    """fully_parallel: a tensor replicated over ranks (TP-replicated norms, HSDP replicas)
+    is written by one of them and sent to the others on recovery; atomic: every rank writes
+    all it holds and recovers from its own file alone."""
+
+    replication: bool = False
+    """Also keep each rank's fast-tier state on replication_factor - 1 ranks of other nodes,
+    so a lost node's state is recovered from its peers."""
+
+    replication_jump: int = 0
+    """Rank r's replicas go to ranks r + k * replication_jump (mod world size),
+    k = 1 .. replication_factor - 1; 0 = the number of ranks per node."""
+
+    replication_factor: int = 2
+    """Copies of each rank's fast-tier state, its own included (on distinct nodes)."""
+
     def __post_init__(self) -> None:
         _check_positive("checkpoint.interval", self.interval)
         _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
         _check_positive("checkpoint.lease_timeout", self.lease_timeout)
+        for name in ("interval_seconds", "non_persistent_interval_seconds",
+                     "non_persistent_save_interval", "replication_jump"):
+            _check_positive(f"checkpoint.{name}", getattr(self, name), allow_zero=True)
+        _check_choice("checkpoint.non_persistent_ckpt_type", self.non_persistent_ckpt_type,
+                      FAST_TIER_TYPES)
+        _check_choice("checkpoint.non_persistent_local_ckpt_algo",
+                      self.non_persistent_local_ckpt_algo, FAST_TIER_ALGOS)
+        if self.replication_factor < 2:
+            raise ConfigError(f"checkpoint.replication_factor = {self.replication_factor} "
+                              "must be >= 2 (the rank's own copy and at least one replica)")
+        if self.non_persistent_ckpt_type == "global" and self.replication:
+            raise ConfigError("checkpoint.replication applies to non_persistent_ckpt_type = "
+                              "local; a global fast tier is on shared storage already")
+        if (self.non_persistent_ckpt_type == "global" and self.fast_tier
+                and not self.non_persistent_global_ckpt_dir):
+            raise ConfigError("checkpoint.non_persistent_ckpt_type = global needs "
+                              "checkpoint.non_persistent_global_ckpt_dir")
         _check_choice("checkpoint.async_mode", self.async_mode, ASYNC_MODES)
         _check_choice("checkpoint.export_dtype", self.export_dtype, EXPORT_DTYPES)
         _check_choice("checkpoint.dist_ckpt_strictness", self.dist_ckpt_strictness, STRICTNESS)
@@ -411,6 +470,11 @@ class Checkpoint:
             if "=" not in option or not option.split("=", 1)[0]:
                 raise ConfigError(
                     f"checkpoint.storage_options entry {option!r} is not key=value")
+
+
+    @property
+    def fast_tier(self) -> bool:
+        return bool(self.non_persistent_save_interval or self.non_persistent_interval_seconds)
 
 
 @dataclass

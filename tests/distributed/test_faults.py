@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     BASE_OVERRIDES,
+    HOOKS,
     ROOT,
     free_port,
     last_run_log,
@@ -141,7 +142,6 @@ def test_minus_one_global_batch_is_kept_on_fewer_ranks(base, tmp_path):
         assert got == pytest.approx(want, rel=1e-5)
 
 
-HOOKS = str(ROOT / "tests" / "fault_hooks")
 
 
 @pytest.mark.parametrize("mode", [

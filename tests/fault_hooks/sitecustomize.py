@@ -8,6 +8,10 @@ here is imported by raytitan itself.
                                       bug this exposes, however slow a step is); a copy in
                                       the training thread itself sleeps S s first
     RAYTITAN_SLOW_PERSIST=step-N:S    the shard writes of step N sleep S s first
+    RAYTITAN_KILL_AT=R:N[:DIR]        rank R SIGKILLs itself as step N starts, in the first
+                                      torchrun attempt only; DIR (its node's local storage) is
+                                      deleted first, as if the node were lost
+    RAYTITAN_SLOW_STEP_SEC=S          every training step sleeps S s first
 """
 
 import os
@@ -63,3 +67,34 @@ if os.environ.get("RAYTITAN_SLOW_STAGING_SEC") or os.environ.get("RAYTITAN_SLOW_
             return _write_data(self, plan, planner)
 
         StepWriter.write_data = _slow_write_data
+
+# Step hooks patch TokenStream.next_batch, called once as each step starts (the Trainer
+# itself runs as __main__ under `-m raytitan.train`, a copy a patch here would not reach).
+_kill = os.environ.get("RAYTITAN_KILL_AT")
+_slow_step = float(os.environ.get("RAYTITAN_SLOW_STEP_SEC") or 0)
+if (_kill or _slow_step) and "RANK" in os.environ:
+    import shutil
+    import signal
+    import time
+
+    from raytitan.data.stream import TokenStream
+
+    _next_batch = TokenStream.next_batch
+    _steps = [0]
+    if _kill and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        _kill = None  # the restarted attempt runs on undisturbed
+
+    def _hooked_next_batch(self):
+        _steps[0] += 1
+        if _kill:
+            rank, step, *lost_dir = _kill.split(":", 2)
+            # A fresh run's first attempt: the n-th batch is step n.
+            if os.environ["RANK"] == rank and _steps[0] == int(step):
+                if lost_dir:
+                    shutil.rmtree(lost_dir[0], ignore_errors=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if _slow_step:
+            time.sleep(_slow_step)
+        return _next_batch(self)
+
+    TokenStream.next_batch = _hooked_next_batch
