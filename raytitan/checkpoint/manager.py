@@ -40,6 +40,7 @@ from raytitan.checkpoint.fast import FastTier
 from raytitan.checkpoint.folder import OpenFolder, open_folder
 from raytitan.checkpoint.formats import InitialLoad, StepExport
 from raytitan.checkpoint.loading import LoadResult, StepLoader
+from raytitan.checkpoint.retry import with_retries
 from raytitan.checkpoint.state import Stateful, StepContents, rng_state, set_rng_state
 from raytitan.checkpoint.storage import (
     INTERRUPTED,
@@ -231,12 +232,14 @@ class CheckpointManager:
         start = time.perf_counter()
         self.last_save_time = time.monotonic()
         self._check_finite(step)
-        self._on_rank0(lambda: self._prepare_step_dir(step))
+        self._on_rank0(lambda: self._retrying(lambda: self._prepare_step_dir(step),
+                                              f"preparing {self.storage.step_url(step)}"))
         dtype = self.cfg.export_dtype if export else "float32"
         state = self._state_for_save(model_only, dtype)
         writer = StepWriter(self.storage.step_url(step),
                             storage_options=self.storage.options,
-                            checksums=self.cfg.save_checksums)
+                            checksums=self.cfg.save_checksums,
+                            retry_sec=self.cfg.storage_retry_seconds)
         if final or self.cfg.async_mode == "disabled":
             try:
                 dcp.save(state, storage_writer=writer, process_group=self.pg)
@@ -332,8 +335,13 @@ class CheckpointManager:
     def _save_error(self, step: int, error: BaseException | None, ranks: int = 0
                     ) -> CheckpointError:
         """What failed, where, why (errno names, a full disk) and what is still safe."""
-        newest = latest_full(self.storage.list_steps(), self.folder.lineage) \
-            if self.rank == 0 else None
+        newest = None
+        if self.rank == 0:
+            try:
+                newest = latest_full(self.storage.list_steps(), self.folder.lineage)
+            except Exception as e:  # the storage may be what failed
+                logger.warning("checkpoint: could not list %s: %s", self.storage.url,
+                               describe_error(e))
         where = self.storage.step_url(step)
         cause = describe_error(error) if error is not None else "unknown error"
         note = disk_full_note(self.storage.root) if self.storage.is_local else ""
@@ -342,6 +350,9 @@ class CheckpointManager:
             f"{f' on {ranks} rank(s)' if ranks else ''}: {cause}.{note} It is not committed; "
             f"the last committed step is "
             f"{self.storage.step_url(newest.step) if newest else '(on rank 0) unchanged'}")
+
+    def _retrying(self, fn: Callable[[], Any], what: str) -> Any:
+        return with_retries(fn, what, self.cfg.storage_retry_seconds)
 
     def _check_finite(self, step: int) -> None:
         """Never commit NaN/inf weights: every rank checks its shards, all raise alike."""
@@ -412,9 +423,9 @@ class CheckpointManager:
             self._check_lease()
             if written:  # the HF export's files
                 fields[self.final_export.dirname] = self.final_export.dirname
-            manifest, steps = self.storage.commit_step(
+            manifest, steps = self._retrying(lambda: self.storage.commit_step(
                 step, fields, files=self._files(), written=written,
-                checksums=self.cfg.save_checksums)
+                checksums=self.cfg.save_checksums), f"committing {self.storage.step_url(step)}")
             self._clean(steps, retain=True)
             return sum(entry["size"] for entry in manifest["files"].values())
 

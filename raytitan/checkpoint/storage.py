@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from raytitan.checkpoint.crc import crc32, crc32_combine
+from raytitan.checkpoint.retry import with_retries
 
 COMMIT_FILE = "COMMIT.json"
 CHECKSUMS_FILE = "checksums.json"
@@ -528,15 +529,17 @@ class StepWriter(FsspecWriter):
     written (no second read) and has the coordinator store them in checksums.json."""
 
     def __init__(self, url: str, *, storage_options: dict[str, str], checksums: bool,
-                 thread_count: int = 1) -> None:
+                 thread_count: int = 1, retry_sec: float = 0.0) -> None:
         super().__init__(url, thread_count=thread_count, **storage_options)
+        self.retry_sec = retry_sec  # transient errors: this rank's files are written again
         # NOTE: fsync only means something on local disk; on object stores DCP would fall
         # back to os.sync() of the whole host.
         self.sync_files = _is_local(self.fs.fs)
         self.fs = _CountingFileSystem(self.fs.fs, checksums)
 
     def write_data(self, plan, planner):
-        results = super().write_data(plan, planner).wait()
+        results = with_retries(lambda: super(StepWriter, self).write_data(plan, planner).wait(),
+                               f"writing shards to {self.path}", self.retry_sec)
         carrier = WriteResult(index=MetadataIndex(_CHECKSUM_FQN), size_in_bytes=0,
                               storage_data=dict(self.fs.written))
         fut: Future = Future()
@@ -551,9 +554,13 @@ class StepWriter(FsspecWriter):
             for r in rank_results:
                 if r.index.fqn == _CHECKSUM_FQN:
                     files.update(r.storage_data)
-        with self.fs.create_stream(self.fs.concat_path(self.path, CHECKSUMS_FILE), "wb") as f:
-            f.write(json.dumps(files, sort_keys=True).encode())
-        super().finish(metadata, clean)
+        def write() -> None:
+            with self.fs.create_stream(self.fs.concat_path(self.path, CHECKSUMS_FILE),
+                                       "wb") as f:
+                f.write(json.dumps(files, sort_keys=True).encode())
+            super(StepWriter, self).finish(metadata, clean)
+
+        with_retries(write, f"writing the metadata of {self.path}", self.retry_sec)
 
 
 class StepReader(FsspecReader):

@@ -396,6 +396,10 @@ class Checkpoint:
     """Seconds without a heartbeat after which another run may take over this run's folder
     (a run renews its lease every lease_timeout / 4 s; a second live run is refused)."""
 
+    storage_retry_seconds: float = 60.0
+    """How long a save keeps retrying transient storage errors (connection resets and
+    refusals, timeouts, HTTP 5xx, throttling), with backoff, before it fails (0 = never)."""
+
     interval_seconds: float = 0.0
     """Also save when this many seconds have passed since the last save (0 = steps only)."""
 
@@ -440,7 +444,7 @@ class Checkpoint:
         _check_positive("checkpoint.interval", self.interval)
         _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
         _check_positive("checkpoint.lease_timeout", self.lease_timeout)
-        for name in ("interval_seconds", "non_persistent_interval_seconds",
+        for name in ("storage_retry_seconds", "interval_seconds", "non_persistent_interval_seconds",
                      "non_persistent_save_interval", "replication_jump"):
             _check_positive(f"checkpoint.{name}", getattr(self, name), allow_zero=True)
         _check_choice("checkpoint.non_persistent_ckpt_type", self.non_persistent_ckpt_type,

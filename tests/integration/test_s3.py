@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from tests.conftest import BASE_OVERRIDES, last_run_log, overrides_to_argv, run_torchrun
+from tests.conftest import (
+    BASE_OVERRIDES,
+    free_port,
+    last_run_log,
+    overrides_to_argv,
+    run_torchrun,
+)
 
 
 def test_prepare_and_stream_from_s3(s3, tiny_dataset, tmp_path):
@@ -167,3 +173,56 @@ def test_hf_and_torch_exports_to_and_from_s3(s3, tiny_dataset, tmp_path):
     fs.get(f"{s3}/model.pt", str(tmp_path / "model.pt"))
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert torch.equal(state["norm.weight"], model.model.norm.weight.detach())
+
+
+def test_s3_outage_during_saves_is_retried(s3, tiny_dataset, tmp_path):
+    """The run talks to S3 through a proxy that drops every connection for 6 s as the
+    shards of step 6 are being written in the background, and again for 6 s later
+    (botocore's own retries off): the saves retry with backoff, the run finishes, and every
+    interval step is committed and verifies."""
+    import subprocess
+    import sys
+    import time
+
+    import fsspec
+
+    from raytitan.checkpoint import inspect
+    from tests.conftest import ROOT
+    from tests.tcp_proxy import FlakyProxy
+
+    proxy = FlakyProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    folder = f"{s3}/outage"
+    run = {**BASE_OVERRIDES, "data.path": tiny_dataset, "training.steps": "16",
+           "checkpoint.enable": "true", "checkpoint.interval": "2",
+           "checkpoint.async_mode": "async", "checkpoint.folder": folder,
+           "checkpoint.storage_options": f"endpoint_url={endpoint}",
+           "job.dump_folder": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "raytitan.train",
+           *overrides_to_argv(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_MAX_ATTEMPTS": "1",
+           "AWS_ENDPOINT_URL": endpoint, "RAYTITAN_SLOW_STEP_SEC": "0.3",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fault_hooks"), str(ROOT)])}
+    fs = fsspec.filesystem("s3")  # straight to moto, not through the proxy
+    try:
+        with open(tmp_path / "run.log", "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+            deadline = time.time() + 180
+            while not fs.exists(f"{folder}/raytitan/step-2/COMMIT.json"):
+                assert proc.poll() is None and time.time() < deadline, \
+                    (tmp_path / "run.log").read_text()[-3000:]
+                time.sleep(0.1)
+                fs.invalidate_cache()
+            proxy.outage(6.0)
+            proxy.outage_on(b"step-6/__0_0.distcp", 6.0)
+            assert proc.wait(timeout=240) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    finally:
+        proxy.close()
+    log = (tmp_path / "run.log").read_text()
+    assert "transient storage error during preparing" in log, log[-3000:]
+    assert "transient storage error during writing shards to" in log, log[-3000:]
+    fs.invalidate_cache()
+    for step in range(2, 17, 2):
+        ok, message = inspect.verify(f"{folder}/raytitan/step-{step}", [])
+        assert ok, message
