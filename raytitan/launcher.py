@@ -68,6 +68,8 @@ def _train_loop_per_worker(config: dict) -> None:
     from raytitan.train import NonFiniteError, Trainer
 
     os.environ["RAYTITAN_RUN_ID"] = config["run_id"]
+    # The fast tier's node: loopback test clusters run several Ray nodes on one host.
+    os.environ["RAYTITAN_NODE_ID"] = ray.get_runtime_context().get_node_id()
     cfg = build_job_config(config["job"])
     reported = ray.train.get_checkpoint()
     try:  # everything before training: config, storage, lease, choice, load
@@ -78,6 +80,11 @@ def _train_loop_per_worker(config: dict) -> None:
             reported_checkpoint=(reported.path.rstrip("/").rsplit("/", 1)[-1] if reported
                                  else None),
             external_retention=True,  # CheckpointConfig(num_to_keep)
+            # Ray's notice that a node of this run is being drained (a spot reclaim): save
+            # where it survives the node, keep training; Ray restarts the group when the
+            # node goes. A barrier across workers, so every rank gets the same answer.
+            preemption=lambda: ray.train.get_preemption_info() is not None,
+            exit_on_preemption=False,
         )
     except (ConfigError, CheckpointError) as e:
         if getattr(e, "retryable", False):
@@ -158,10 +165,45 @@ def absolutize(cfg: JobConfig) -> JobConfig:
     )
 
 
+def elastic_sizes(cfg: JobConfig) -> tuple[int, int]:
+    """(min, max) world size. Every size in ray.min_workers..num_workers must fit the mesh
+    and the global batch (Ray may start any of them): otherwise a ConfigError names the
+    sizes that do not and the ranges that would."""
+    low, high = cfg.ray.min_workers or cfg.ray.num_workers, cfg.ray.num_workers
+    bad = {}
+    for world in range(low, high + 1):
+        try:
+            build_plan(cfg, world)
+        except ConfigError as e:
+            bad[world] = str(e)
+    if bad:
+        valid = [w for w in range(1, high + 1) if w not in bad and _fits(cfg, w)]
+        first = min(bad)
+        raise ConfigError(
+            f"ray.min_workers = {low}, ray.num_workers = {high}: Ray may start any world size "
+            f"in between, but {sorted(bad)} do not fit this job (world size {first}: "
+            f"{bad[first]}). Sizes up to {high} that fit: {valid}; use ray.min_workers = "
+            f"{max(bad) + 1 if max(bad) < high else high} (every size from it up to "
+            "num_workers fits), or a global batch more sizes divide")
+    if low != high:
+        logger.info("elastic: Ray may run this job on %d to %d workers (global batch %d "
+                    "each time)", low, high, build_plan(cfg, high).global_batch_size)
+    return low, high
+
+
+def _fits(cfg: JobConfig, world: int) -> bool:
+    try:
+        build_plan(cfg, world)
+    except ConfigError:
+        return False
+    return True
+
+
 def launch(cfg: JobConfig) -> ray.train.Result:
     """Validate, start (or join) Ray, prepare data, train. Returns Ray's Result."""
     plan = build_plan(cfg, cfg.ray.num_workers)  # fails before any worker starts
     logger.info("%s", plan.describe())
+    sizes = elastic_sizes(cfg)
     cfg = absolutize(cfg)
     if cfg.checkpoint.enable:  # before Ray validates (and s3fs would create) the bucket
         build_checkpoint_storage(cfg.checkpoint, cfg.job.dump_folder,
@@ -175,9 +217,13 @@ def launch(cfg: JobConfig) -> ray.train.Result:
         train_loop_config={"job": to_dict(cfg), "run_id": uuid.uuid4().hex[:16]},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
+            num_workers=sizes if sizes[0] != sizes[1] else sizes[0],
             use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **{
+                name: float(amount) for name, _, amount in
+                (entry.partition("=") for entry in cfg.ray.worker_resources)}},
+            placement_strategy=cfg.ray.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.ray.resize_check_seconds,
         ),
         run_config=RunConfig(
             name=cfg.job.name,

@@ -276,13 +276,45 @@ class Ray:
     max_failures: int = 0
     """Worker-group restarts Ray allows before failing the run (-1 = unlimited)."""
 
+    worker_resources: list[str] = field(default_factory=list)
+    """Other Ray resources each worker reserves, as name=amount (e.g. a custom per-node
+    resource to pin one worker per node: Ray's elastic sizing counts resources, not the
+    placement strategy). CLI form: a=1,b=2."""
+
+    min_workers: int = 0
+    """Elastic training: Ray may run with any world size from min_workers to num_workers
+    (fewer after a node is lost, more again when capacity returns; each change restarts the
+    group, which resumes from the newest checkpoint with the same global batch). 0 = always
+    num_workers."""
+
+    resize_check_seconds: float = 60.0
+    """Elastic training: how often Ray looks for capacity to grow the group."""
+
+    placement_strategy: str = "PACK"
+    """How Ray places the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one per node)."""
+
     def __post_init__(self) -> None:
         _check_positive("ray.num_workers", self.num_workers)
         _check_positive("ray.cpus_per_worker", self.cpus_per_worker)
+        _check_positive("ray.resize_check_seconds", self.resize_check_seconds)
+        _check_choice("ray.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        for entry in self.worker_resources:
+            name, _, amount = entry.partition("=")
+            try:
+                float(amount)
+            except ValueError:
+                name = ""
+            if not name:
+                raise ConfigError(f"ray.worker_resources entry {entry!r} is not name=amount "
+                                  "(e.g. node_slot=1)")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"ray.min_workers = {self.min_workers} must be between 0 (fixed "
+                              f"size) and ray.num_workers = {self.num_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"ray.max_failures = {self.max_failures} must be >= -1")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Top-level keys of a checkpoint, the valid entries of exclude_from_loading.

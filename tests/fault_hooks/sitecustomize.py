@@ -12,6 +12,10 @@ here is imported by raytitan itself.
                                       torchrun attempt only; DIR (its node's local storage) is
                                       deleted first, as if the node were lost
     RAYTITAN_SLOW_STEP_SEC=S          every training step sleeps S s first
+    RAYTITAN_HOLD_FILE=PATH           a step does not start while PATH exists
+    RAYTITAN_PRINT_STEP_STARTS=1      rank 0 prints "RAYTITAN_STEP_START <step> <time>"
+    RAYTITAN_SAMPLE_LOG=DIR           every rank appends each step's sample ids to
+                                      DIR/samples-<pid>.jsonl (also in Ray workers)
 """
 
 import os
@@ -72,7 +76,10 @@ if os.environ.get("RAYTITAN_SLOW_STAGING_SEC") or os.environ.get("RAYTITAN_SLOW_
 # itself runs as __main__ under `-m raytitan.train`, a copy a patch here would not reach).
 _kill = os.environ.get("RAYTITAN_KILL_AT")
 _slow_step = float(os.environ.get("RAYTITAN_SLOW_STEP_SEC") or 0)
-if (_kill or _slow_step) and "RANK" in os.environ:
+_sample_log = os.environ.get("RAYTITAN_SAMPLE_LOG")
+_hold = os.environ.get("RAYTITAN_HOLD_FILE")
+if _kill or _slow_step or _sample_log or _hold or os.environ.get("RAYTITAN_PRINT_STEP_STARTS"):
+    import json
     import shutil
     import signal
     import time
@@ -86,15 +93,29 @@ if (_kill or _slow_step) and "RANK" in os.environ:
 
     def _hooked_next_batch(self):
         _steps[0] += 1
-        if _kill:
+        if _kill and "RANK" in os.environ:
             rank, step, *lost_dir = _kill.split(":", 2)
             # A fresh run's first attempt: the n-th batch is step n.
             if os.environ["RANK"] == rank and _steps[0] == int(step):
                 if lost_dir:
                     shutil.rmtree(lost_dir[0], ignore_errors=True)
+                print(f"RAYTITAN_KILLED_AT {time.time():.3f}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
         if _slow_step:
             time.sleep(_slow_step)
-        return _next_batch(self)
+        for _ in range(3000):
+            if not (_hold and os.path.exists(_hold)):
+                break
+            time.sleep(0.1)
+        step = self.samples_consumed // self.global_batch_size + 1
+        if os.environ.get("RAYTITAN_PRINT_STEP_STARTS") and os.environ.get("RANK") == "0":
+            print(f"RAYTITAN_STEP_START {step} {time.time():.3f}", flush=True)
+        batch = _next_batch(self)
+        if _sample_log:
+            with open(os.path.join(_sample_log, f"samples-{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "dp_rank": self.dp_rank,
+                                    "dp_degree": self.dp_degree,
+                                    "ids": batch.sample_ids.tolist()}) + "\n")
+        return batch
 
     TokenStream.next_batch = _hooked_next_batch

@@ -46,7 +46,7 @@ class Run:
         self.train_state = Counter()
         self.dataloader = Counter()
         self.storage = CheckpointStorage(str(folder))
-        self.cfg = CheckpointConfig(enable=True, interval=1, **cfg)
+        self.cfg = CheckpointConfig(**{"enable": True, "interval": 1, **cfg})
         folder = open_folder(self.cfg, self.storage, job="test", reported_step=reported_step)
         self.ckpt = CheckpointManager(
             self.cfg, storage=self.storage, model_parts=[self.model], optimizers=[self.opt],

@@ -1,0 +1,171 @@
+"""How fast does a run recover from a lost worker or node, per checkpoint tier?
+
+Three runs of the real Trainer under torchrun (2 gloo ranks on CPU, the two ranks on two
+fake nodes, `torchrun --max-restarts 1`), each with persistent saves every --interval steps
+(async) and, in the last two, fast-tier saves every --fast-interval steps (async):
+
+  persistent    no fast tier: recovery reads the newest persistent step
+  fast tier     node-local fast tier (/dev/shm): recovery reads each rank's own file
+  replica       fast tier with replication; the killed rank's node folder is deleted with
+                it, so its state comes from its replica on the other node
+
+Rank 1 is SIGKILLed as step --kill-at starts (tests/fault_hooks); torchrun restarts both
+ranks. Reported: the training stall per save (median of the "training blocked" figures),
+the load time of the recovery, kill-to-next-step time (the kill until the restarted run
+starts its first step: process start, model build, load) and the steps redone.
+The model is the debug Llama with a --vocab-size vocabulary, so that the state (weights +
+AdamW moments, fp32) is a few hundred MB.
+
+    python benchmarks/recovery.py --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = ROOT / "tests" / "fault_hooks"
+
+
+def dataset(work: Path) -> str:
+    """The tests' corpus (Python's language reference), prepared once."""
+    from pydoc_data.topics import topics
+
+    from raytitan.data.prepare import prepare_local
+
+    out = work / "data"
+    if not (out / "manifest.json").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        corpus = work / "corpus.jsonl"
+        with open(corpus, "w") as f:
+            for key in sorted(topics):
+                f.write(json.dumps({"text": topics[key]}) + "\n")
+        prepare_local(str(corpus), str(out), vocab_size=512, shard_tokens=16384)
+    return str(out)
+
+
+def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bool) -> dict:
+    dump = work / name
+    shutil.rmtree(dump, ignore_errors=True)
+    local = Path(f"/dev/shm/raytitan-bench-{os.getpid()}") / name
+    shutil.rmtree(local, ignore_errors=True)
+    overrides = {
+        "model.flavor": "debug", "model.vocab_size": str(a.vocab_size),
+        "training.steps": str(a.steps), "training.seq_len": "64",
+        "training.local_batch_size": "2", "training.global_batch_size": "8",
+        "training.mixed_precision_param": "float32", "metrics.log_freq": "1",
+        "data.path": data, "job.dump_folder": str(dump), "checkpoint.enable": "true",
+        "checkpoint.interval": str(a.interval), "checkpoint.async_mode": "async",
+        "checkpoint.non_persistent_local_ckpt_dir": str(local), **fast}
+    kill = f"1:{a.kill_at}"
+    if lose_node:
+        kill += f":{local}/{os.uname().nodename}-fake1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HOOKS}:{ROOT}",
+           "RAYTITAN_FAKE_RANKS_PER_NODE": "1", "RAYTITAN_KILL_AT": kill,
+           "RAYTITAN_PRINT_STEP_STARTS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--max-restarts=1", "--master-addr=127.0.0.1", "--master-port=29633",
+           "-m", "raytitan.train"]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    log = proc.stdout + proc.stderr
+    (work / f"{name}.log").write_text(log)
+    shutil.rmtree(local, ignore_errors=True)
+    if proc.returncode != 0 or "done:" not in log:
+        raise SystemExit(f"{name}: torchrun failed ({proc.returncode}); see {work}/{name}.log")
+    killed = float(re.search(r"RAYTITAN_KILLED_AT (\S+)", log).group(1))
+    starts = [(int(s), float(t)) for s, t in re.findall(r"RAYTITAN_STEP_START (\d+) (\S+)", log)]
+    after = [(s, t) for s, t in starts if t > killed]
+    resumed = after[0][0] - 1
+    persistent_stalls = [float(x) for x in re.findall(r"committed \S+ .*training blocked "
+                                                      r"([\d.]+) s", log)]
+    fast_stalls = [float(x) for x in re.findall(r"fast tier holds step \d+ .*training "
+                                                r"blocked ([\d.]+) s", log)]
+    load = re.search(r"resumed from the FAST TIER, step \d+ of \S+ in ([\d.]+) s", log) or \
+        re.search(r"checkpoint: loaded \[.*\] of \S+ in ([\d.]+) s", log)
+    state = re.search(r"committed \S+ \(([\d.]+) MB\)", log)
+    return {
+        "name": name, "wall_s": time.time() - start,
+        "persistent_stall_s": statistics.median(persistent_stalls),
+        "fast_stall_s": statistics.median(fast_stalls) if fast_stalls else None,
+        "load_s": float(load.group(1)), "kill_to_step_s": after[0][1] - killed,
+        "steps_redone": a.kill_at - 1 - resumed, "resumed_from": resumed,
+        "state_mb": float(state.group(1)),
+        "from": "peer replica" if "from peer replicas" in log else
+                "own node" if "every rank from its own node" in log else "persistent"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--interval", type=int, default=10, help="persistent save interval")
+    p.add_argument("--fast-interval", type=int, default=2)
+    p.add_argument("--kill-at", type=int, default=20)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--dir", default="/tmp/raytitan-bench/recovery")
+    p.add_argument("--write-docs", action="store_true")
+    a = p.parse_args()
+    work = Path(a.dir)
+    data = dataset(work)
+    fast = {"checkpoint.non_persistent_save_interval": str(a.fast_interval)}
+    rows = [run("persistent", a, data, work, {}, lose_node=False),
+            run("fast tier", a, data, work, fast, lose_node=False),
+            run("replica", a, data, work, {**fast, "checkpoint.replication": "true"},
+                lose_node=True)]
+    persistent, fast_row, replica = rows
+    goals = {
+        "fast-tier stall <= async persistent stall": (
+            max(fast_row["fast_stall_s"], replica["fast_stall_s"])
+            <= persistent["persistent_stall_s"]),
+        "fast-tier recovery (kill to next step) <= 1/3 of persistent": (
+            max(fast_row["kill_to_step_s"], replica["kill_to_step_s"])
+            <= persistent["kill_to_step_s"] / 3),
+        f"steps redone <= non_persistent_save_interval ({a.fast_interval})": (
+            max(fast_row["steps_redone"], replica["steps_redone"]) <= a.fast_interval),
+    }
+    table = ["| recovery from | stall per save (s) | load (s) | kill to next step (s) | "
+             "steps redone | resumed from step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        stall = r["fast_stall_s"] if r["fast_stall_s"] is not None else r["persistent_stall_s"]
+        table.append(f"| {r['name']} ({r['from']}) | {stall:.3f} | {r['load_s']:.2f} | "
+                     f"{r['kill_to_step_s']:.1f} | {r['steps_redone']} | {r['resumed_from']} |")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.machine())
+    import torch
+
+    machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; persistent "
+               f"folder on local disk ({a.dir}), fast tier in /dev/shm")
+    setup = (f"State {persistent['state_mb']:.0f} MB (debug Llama, vocab {a.vocab_size}, "
+             f"weights + AdamW, fp32) over 2 ranks on 2 fake nodes; {a.steps} steps, "
+             f"persistent every {a.interval} (async), fast tier every {a.fast_interval} "
+             f"(async); rank 1 SIGKILLed as step {a.kill_at} starts; persistent stall "
+             f"{persistent['persistent_stall_s']:.3f} s.")
+    lines = [f"- {k}: **{'met' if ok else 'NOT met'}**" for k, ok in goals.items()]
+    print(f"Machine: {machine}\n{setup}\n\n" + "\n".join(table + [""] + lines))
+    if a.write_docs:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from train_overhead import write_section
+
+        write_section("\n".join([
+            "## Recovery from a lost worker or node (`benchmarks/recovery.py`)", "",
+            f"Machine: {machine}. {setup} Kill to next step = from the SIGKILL until the "
+            "restarted run starts its first step (torchrun restart, imports, model build, "
+            "load); it is dominated by process start-up on this 2-core VM.", "",
+            *table, "", *lines, "", "Command: `python benchmarks/recovery.py --write-docs`",
+            ""]), "recovery")
+
+
+if __name__ == "__main__":
+    main()
