@@ -55,9 +55,10 @@ def dataset(work: Path) -> str:
 
 
 def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bool) -> dict:
-    dump = work / name
+    slug = name.replace(" ", "-")
+    dump = work / slug
     shutil.rmtree(dump, ignore_errors=True)
-    local = Path(f"/dev/shm/raytitan-bench-{os.getpid()}") / name
+    local = Path(f"/dev/shm/raytitan-bench-{os.getpid()}") / slug
     shutil.rmtree(local, ignore_errors=True)
     overrides = {
         "model.flavor": "debug", "model.vocab_size": str(a.vocab_size),
@@ -81,12 +82,13 @@ def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bo
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     log = proc.stdout + proc.stderr
-    (work / f"{name}.log").write_text(log)
+    (work / f"{slug}.log").write_text(log)
     shutil.rmtree(local, ignore_errors=True)
     if proc.returncode != 0 or "done:" not in log:
-        raise SystemExit(f"{name}: torchrun failed ({proc.returncode}); see {work}/{name}.log")
-    killed = float(re.search(r"RAYTITAN_KILLED_AT (\S+)", log).group(1))
-    starts = [(int(s), float(t)) for s, t in re.findall(r"RAYTITAN_STEP_START (\d+) (\S+)", log)]
+        raise SystemExit(f"{name}: torchrun failed ({proc.returncode}); see {work}/{slug}.log")
+    killed = float(re.search(r"RAYTITAN_KILLED_AT (\d+\.\d{3})", log).group(1))
+    starts = [(int(s), float(t)) for s, t in re.findall(r"RAYTITAN_STEP_START (\d+) (\d+\.\d{3})",
+                                                          log)]
     after = [(s, t) for s, t in starts if t > killed]
     resumed = after[0][0] - 1
     persistent_stalls = [float(x) for x in re.findall(r"committed \S+ .*training blocked "
@@ -109,11 +111,11 @@ def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--interval", type=int, default=10, help="persistent save interval")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--interval", type=int, default=5, help="persistent save interval")
     p.add_argument("--fast-interval", type=int, default=2)
-    p.add_argument("--kill-at", type=int, default=20)
-    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--kill-at", type=int, default=10)
+    p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--dir", default="/tmp/raytitan-bench/recovery")
     p.add_argument("--write-docs", action="store_true")
     a = p.parse_args()
