@@ -83,7 +83,7 @@ def _train_loop_per_worker(config: dict) -> None:
             # Ray's notice that a node of this run is being drained (a spot reclaim): save
             # where it survives the node, keep training; Ray restarts the group when the
             # node goes. A barrier across workers, so every rank gets the same answer.
-            preemption=lambda: ray.train.get_preemption_info() is not None,
+            preemption=_preemption_check(cfg.ray.preemption_check_steps),
             exit_on_preemption=False,
         )
     except (ConfigError, CheckpointError) as e:
@@ -97,6 +97,17 @@ def _train_loop_per_worker(config: dict) -> None:
             trainer.train()
     except (ConfigError, NonFiniteError) as e:  # save errors (I/O) stay retryable
         raise FinalError(f"{type(e).__name__}: {e}") from e
+
+
+def _preemption_check(every: int):
+    """Asks Ray every `every`-th call (every rank calls it each step, so all ask alike)."""
+    calls = [0]
+
+    def check() -> bool:
+        calls[0] += 1
+        return calls[0] % every == 0 and ray.train.get_preemption_info() is not None
+
+    return check
 
 
 def _report(metrics: dict, step_dir_name: str | None) -> None:

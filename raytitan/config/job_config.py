@@ -290,6 +290,10 @@ class Ray:
     resize_check_seconds: float = 60.0
     """Elastic training: how often Ray looks for capacity to grow the group."""
 
+    preemption_check_steps: int = 5
+    """Every this many steps the workers ask Ray for a preemption notice (each ask is a
+    barrier over the workers, ~10 ms on CPU here); a notice is acted on within that many."""
+
     placement_strategy: str = "PACK"
     """How Ray places the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one per node)."""
 
@@ -297,6 +301,7 @@ class Ray:
         _check_positive("ray.num_workers", self.num_workers)
         _check_positive("ray.cpus_per_worker", self.cpus_per_worker)
         _check_positive("ray.resize_check_seconds", self.resize_check_seconds)
+        _check_positive("ray.preemption_check_steps", self.preemption_check_steps)
         _check_choice("ray.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         for entry in self.worker_resources:
             name, _, amount = entry.partition("=")

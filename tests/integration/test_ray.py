@@ -27,6 +27,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow  # CI: test_worker_killed_... compares a Ray run with torchrun bitwise
 def test_ray_launch_matches_torchrun(tiny_dataset, tmp_path):
     overrides = {**BASE_OVERRIDES, "data.path": tiny_dataset, "ray.num_workers": "2",
                  "job.name": "ray-vs-torchrun"}
