@@ -212,20 +212,19 @@ class FastTier:
         """Write this rank's file, exchange replicas, agree that every rank did (on every
         rank, whatever failed, so no rank is left in a collective)."""
         error = ""
-        data = b""
+        size = -1
         try:
-            buffer = io.BytesIO()
-            torch.save(snapshot, buffer)
-            data = buffer.getvalue()
             self._prepare(step)
-            _write_file(self._path(step, self.rank), data)
+            _write_file(self._path(step, self.rank), snapshot)  # straight to the file
+            size = os.path.getsize(self._path(step, self.rank))
         except Exception as e:
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        del snapshot
         if self.targets:
             sizes: list[int] = [0] * self.world_size
-            dist.all_gather_object(sizes, -1 if error else len(data), group=self.pg)
+            dist.all_gather_object(sizes, -1 if error else size, group=self.pg)
             try:
-                self._exchange(step, data, sizes)
+                self._exchange(step, sizes)
             except Exception as e:
                 error = error or f"rank {self.rank}: replication: {type(e).__name__}: {e}"
         flag = torch.tensor([1 if error else 0])
@@ -238,14 +237,14 @@ class FastTier:
         self._remove_older(step)
         return True, "", time.perf_counter() - start
 
-    def _exchange(self, step: int, data: bytes, sizes: list[int]) -> None:
+    def _exchange(self, step: int, sizes: list[int]) -> None:
         """Send this rank's file to its replica holders; receive the files it holds."""
         requests, received = [], {}
         for owner, peers in self.targets.items():
             if sizes[owner] < 0:
                 continue
             if owner == self.rank:
-                payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                payload = _file_tensor(self._path(step, owner), sizes[owner])
                 requests += [dist.isend(payload, peer, group=self.pg) for peer in peers]
             elif self.rank in peers:
                 received[owner] = torch.empty(sizes[owner], dtype=torch.uint8)
@@ -255,7 +254,7 @@ class FastTier:
         if any(size < 0 for size in sizes):
             raise RuntimeError("a rank had nothing to send")
         for owner, payload in received.items():
-            _write_file(self._path(step, owner), payload.numpy().tobytes())
+            _write_file(self._path(step, owner), payload.numpy())
 
     def _prepare(self, step: int) -> None:
         os.makedirs(self._step_dir(step), exist_ok=True)
@@ -328,24 +327,20 @@ class FastTier:
         """Collective: fill `request` (the state structure, tensors in place) from the chosen
         step; returns {rank: tier it came from} for the log."""
         step = choice.step
-        payloads: dict[int, bytes] = {}
-        requests, received = [], {}
+        requests, received = [], None
         for owner, source in sorted(choice.sources.items()):
-            if owner == self.rank == source:
-                with open(self._path(step, owner), "rb") as f:
-                    payloads[owner] = f.read()
-            elif source == self.rank:
-                with open(self._path(step, owner), "rb") as f:
-                    payload = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-                requests.append(dist.isend(payload, owner, group=self.ctrl))
-            elif owner == self.rank:
-                received[owner] = torch.empty(choice.sizes[owner], dtype=torch.uint8)
-                requests.append(dist.irecv(received[owner], source, group=self.ctrl))
-        for r in requests:
-            r.wait()
-        for owner, payload in received.items():
-            payloads[owner] = payload.numpy().tobytes()
-        saved = torch.load(io.BytesIO(payloads[self.rank]), weights_only=False)
+            if source == self.rank != owner:
+                payload = _file_tensor(self._path(step, owner), choice.sizes[owner])
+                requests.append((dist.isend(payload, owner, group=self.ctrl), payload))
+            elif owner == self.rank != source:
+                received = torch.empty(choice.sizes[owner], dtype=torch.uint8)
+                requests.append((dist.irecv(received, source, group=self.ctrl), received))
+        for transfer, _ in requests:  # each with its tensor, alive until the transfer is done
+            transfer.wait()
+        if received is None:  # its own node's file, memory-mapped (no copy until _fill)
+            saved = torch.load(self._path(step, self.rank), mmap=True, weights_only=False)
+        else:
+            saved = torch.load(io.BytesIO(memoryview(received.numpy())), weights_only=False)
         saved = {key: value for key, value in saved.items() if key in request}
         _fill(request, saved)
         if self.dedup:
@@ -432,11 +427,20 @@ def _step_dirs(folder: str) -> list[str]:
                   key=lambda n: int(n[5:]))
 
 
-def _write_file(path: str, data: bytes) -> None:
-    """Write whole or not at all: a temporary name, fsync, rename."""
+def _file_tensor(path: str, size: int) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor, memory-mapped (a send reads them from the page)."""
+    return torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+
+
+def _write_file(path: str, data: Any) -> None:
+    """Write whole or not at all: a temporary name, fsync, rename. `data`: bytes, a buffer
+    (a numpy array), or a state to torch.save."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        if isinstance(data, dict):
+            torch.save(data, f)
+        else:
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
