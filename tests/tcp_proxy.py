@@ -16,7 +16,7 @@ class FlakyProxy:
         self.port = self.server.getsockname()[1]
         self.down_until = 0.0
         self.dropped = 0
-        self._trigger: tuple[bytes, float] | None = None
+        self._triggers: list[tuple[bytes, float]] = []
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stop = False
@@ -31,8 +31,23 @@ class FlakyProxy:
 
     def outage_on(self, pattern: bytes, seconds: float) -> None:
         """Start an outage of `seconds` when a client first sends bytes with `pattern`
-        (e.g. a shard file's name in a PUT request line); that request is dropped too."""
-        self._trigger = (pattern, seconds)
+        (e.g. a file's name in a PUT request line); that request is dropped too. Each
+        trigger fires once; several may be armed."""
+        with self._lock:
+            self._triggers.append((pattern, seconds))
+
+    @property
+    def armed(self) -> list[bytes]:
+        """Patterns whose outage has not started yet."""
+        return [pattern for pattern, _ in self._triggers]
+
+    def _fired(self, data: bytes) -> float | None:
+        with self._lock:
+            for i, (pattern, seconds) in enumerate(self._triggers):
+                if pattern in data:
+                    del self._triggers[i]
+                    return seconds
+        return None
 
     def close(self) -> None:
         self._stop = True
@@ -68,10 +83,8 @@ class FlakyProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                trigger = self._trigger
-                if trigger and trigger[0] in data:
-                    self._trigger = None
-                    self.outage(trigger[1])
+                if (seconds := self._fired(data)) is not None:
+                    self.outage(seconds)
                     return
                 dst.sendall(data)
         except OSError:

@@ -176,13 +176,13 @@ def test_hf_and_torch_exports_to_and_from_s3(s3, tiny_dataset, tmp_path):
 
 
 def test_s3_outage_during_saves_is_retried(s3, tiny_dataset, tmp_path):
-    """The run talks to S3 through a proxy that drops every connection for 6 s as the
-    shards of step 6 are being written in the background, and again for 6 s later
-    (botocore's own retries off): the saves retry with backoff, the run finishes, and every
-    interval step is committed and verifies."""
+    """The run talks to S3 through a proxy that drops every connection for 6 s when step 4's
+    save is being prepared (rank 0 writes its SAVING.json, training waits) and again when
+    step 6's shard is being written in the background (botocore's own retries off): both
+    retry with backoff, the run finishes, and every interval step is committed and
+    verifies. The outages start on the request itself, not on a clock."""
     import subprocess
     import sys
-    import time
 
     import fsspec
 
@@ -205,20 +205,15 @@ def test_s3_outage_during_saves_is_retried(s3, tiny_dataset, tmp_path):
            "AWS_ENDPOINT_URL": endpoint, "RAYTITAN_SLOW_STEP_SEC": "0.3",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fault_hooks"), str(ROOT)])}
     fs = fsspec.filesystem("s3")  # straight to moto, not through the proxy
+    proxy.outage_on(b"step-4/SAVING.json", 6.0)
+    proxy.outage_on(b"step-6/__0_0.distcp", 6.0)
     try:
         with open(tmp_path / "run.log", "w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-            deadline = time.time() + 180
-            while not fs.exists(f"{folder}/raytitan/step-2/COMMIT.json"):
-                assert proc.poll() is None and time.time() < deadline, \
-                    (tmp_path / "run.log").read_text()[-3000:]
-                time.sleep(0.1)
-                fs.invalidate_cache()
-            proxy.outage(6.0)
-            proxy.outage_on(b"step-6/__0_0.distcp", 6.0)
             assert proc.wait(timeout=240) == 0, (tmp_path / "run.log").read_text()[-4000:]
     finally:
         proxy.close()
+    assert proxy.dropped >= 2 and not proxy.armed, (proxy.dropped, proxy.armed)
     log = (tmp_path / "run.log").read_text()
     assert "transient storage error during preparing" in log, log[-3000:]
     assert "transient storage error during writing shards to" in log, log[-3000:]
