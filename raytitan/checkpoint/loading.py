@@ -12,10 +12,14 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
 from raytitan.checkpoint.collectives import on_rank0
+from raytitan.checkpoint.planning import (
+    SplitReplicaLoadPlanner,
+    broadcast_replicas,
+    split_replicas,
+)
 from raytitan.checkpoint.state import StepContents, rng_state
 from raytitan.checkpoint.storage import (
     CHECKSUMS_FILE,
@@ -147,9 +151,12 @@ class StepLoader:
             group, _, name = key.partition(".")
             if group in request and name in request[group]:
                 skipped[key] = request[group].pop(name)
+        # fully_parallel_load: replicated tensors read by one replica each, then broadcast
+        skip, shares = split_replicas(request) if cfg.fully_parallel_load else (set(), [])
         try:
-            dcp.load(request, storage_reader=reader, planner=DefaultLoadPlanner(),
+            dcp.load(request, storage_reader=reader, planner=SplitReplicaLoadPlanner(skip),
                      process_group=self.pg)
+            broadcast_replicas(shares)
         except (Exception, CheckpointException) as e:
             if "do not match the CRC32" in describe_error(e):
                 raise damaged_error(storage, step, [describe_error(e)], others) from e
@@ -161,9 +168,13 @@ class StepLoader:
             request[group][name] = value
         self.contents.apply(request, part_keys)
         seconds = time.perf_counter() - start
-        checked = getattr(reader, "checked_items", 0)
+        read: list[Any] = [None] * self.world_size
+        dist.all_gather_object(read, reader.read_bytes, group=self.ctrl)
         logger.info("checkpoint: loaded %s of %s in %.2f s (CRC32 of %d items checked on "
-                    "this rank)", sorted(request), url, seconds, checked)
+                    "this rank; bytes read per rank: %s%s)", sorted(request), url, seconds,
+                    reader.checked_items, read,
+                    f"; fully_parallel_load: {len(skip)} replicated tensors read by another "
+                    "replica on this rank" if cfg.fully_parallel_load else "")
         return LoadResult(step, url, sorted(request), unexpected, missing)
 
     def _check_keys(self, request: dict[str, Any], stored: set[str],

@@ -40,6 +40,7 @@ from raytitan.checkpoint.fast import FastTier
 from raytitan.checkpoint.folder import OpenFolder, open_folder
 from raytitan.checkpoint.formats import InitialLoad, StepExport
 from raytitan.checkpoint.loading import LoadResult, StepLoader
+from raytitan.checkpoint.planning import save_planner
 from raytitan.checkpoint.retry import with_retries
 from raytitan.checkpoint.state import Stateful, StepContents, rng_state, set_rng_state
 from raytitan.checkpoint.storage import (
@@ -240,9 +241,13 @@ class CheckpointManager:
                             storage_options=self.storage.options,
                             checksums=self.cfg.save_checksums,
                             retry_sec=self.cfg.storage_retry_seconds)
+        planner = save_planner(
+            balanced=self.cfg.fully_parallel_save,
+            cache_kind=f"{'model' if model_only else 'full'}-{dtype}"
+            if self.cfg.ckpt_assume_constant_structure else None)
         if final or self.cfg.async_mode == "disabled":
             try:
-                dcp.save(state, storage_writer=writer, process_group=self.pg)
+                dcp.save(state, storage_writer=writer, planner=planner, process_group=self.pg)
             except (Exception, CheckpointException) as e:
                 raise self._save_error(step, e) from e
             written, export_error = None, None
@@ -262,8 +267,8 @@ class CheckpointManager:
             return
         if self.cfg.async_mode == "async":
             # Copies the state in this thread, then writes the copy in a thread.
-            future = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
-                                    async_checkpointer_type=AsyncCheckpointerType.THREAD,
+            future = dcp.async_save(state, storage_writer=writer, planner=planner,
+                                    process_group=self.pg, async_checkpointer_type=AsyncCheckpointerType.THREAD,
                                     async_stager=self._stager)
             staging = None
         else:
@@ -272,8 +277,8 @@ class CheckpointManager:
                 # NOTE: the copy runs on its own CUDA stream, which does not wait for the
                 # queued optimizer step: without this it can read half-updated weights.
                 torch.cuda.current_stream().synchronize()
-            response = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
-                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+            response = dcp.async_save(state, storage_writer=writer, planner=planner,
+                                      process_group=self.pg, async_checkpointer_type=AsyncCheckpointerType.PROCESS,
                                       async_stager=self._stager)
             future, staging = response.upload_completion, response.staging_completion
         stall = time.perf_counter() - start

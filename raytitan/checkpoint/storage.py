@@ -578,8 +578,10 @@ class StepReader(FsspecReader):
         self.items = items
         self.checked_items = 0
         self.checked_bytes = 0
+        self.read_bytes = 0
 
     def _slice_file(self, file, sinfo):
+        self.read_bytes += sinfo.length
         expected = self.items.get(sinfo.relative_path, {}).get(str(sinfo.offset))
         if expected is None or expected[0] != sinfo.length:
             return super()._slice_file(file, sinfo)
@@ -598,8 +600,6 @@ class StepReader(FsspecReader):
 
 
 def step_reader(url: str, storage_options: dict[str, str],
-                items: dict[str, dict] | None = None) -> FsspecReader:
+                items: dict[str, dict] | None = None) -> StepReader:
     """A DCP reader of a step; with `items` (from checksums.json) it checks every item."""
-    if items:
-        return StepReader(url, storage_options, items)
-    return FsspecReader(url, **storage_options)
+    return StepReader(url, storage_options, items or {})

@@ -440,6 +440,21 @@ class Checkpoint:
     interval_seconds: float = 0.0
     """Also save when this many seconds have passed since the last save (0 = steps only)."""
 
+    fully_parallel_save: bool = True
+    """A tensor held by several ranks (HSDP replicas, TP-replicated norms) is written once,
+    the writers spread so every rank writes about the same bytes; false: the lowest rank
+    holding it writes it (Megatron's fully_parallel_save)."""
+
+    fully_parallel_load: bool = False
+    """A tensor replicated over data-parallel replicas (dp_replicate) is read from storage
+    by one replica, the others receive it over the network: each replica reads 1/R of the
+    replicated bytes (Megatron's fully_parallel_load)."""
+
+    ckpt_assume_constant_structure: bool = False
+    """Reuse the save plans of the previous save of the same kind while the state's
+    structure (keys, shapes, sharding) is unchanged: a save skips re-planning and the plan
+    exchange. A changed structure is detected and re-planned."""
+
     # -- the fast (non-persistent) tier: docs/checkpointing.md "Tiers" ---------------------
 
     non_persistent_save_interval: int = 0

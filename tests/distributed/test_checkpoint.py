@@ -11,6 +11,7 @@ import tomllib
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed.checkpoint as dcp
 
 from raytitan.config import load_job_config
@@ -191,3 +192,77 @@ def test_last_save_in_hf_from_a_sharded_run(base, tmp_path):
     tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(tokens) - theirs(tokens).logits).abs().max() <= 1e-4
+
+
+# -- Megatron's fully_parallel_save / fully_parallel_load (issue 11) ---------------------
+
+HSDP = {"parallelism.data_parallel_replicate_degree": "2",
+        "parallelism.data_parallel_shard_degree": "2"}
+
+
+def shard_sizes(step_dir) -> list[int]:
+    """Bytes each of the 4 ranks wrote (its DCP shard file, from checksums.json)."""
+    files = json.loads((step_dir / "checksums.json").read_text())
+    return [files[f"__{rank}_0.distcp"][0] for rank in range(4)]
+
+
+def full_state(step_dir, out) -> dict:
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out, weights_only=False)
+
+
+def assert_same_state(a, b, key: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), key
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), key
+        for k in a:
+            assert_same_state(a[k], b[k], f"{key}.{k}")
+    else:
+        assert a == b, key
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(base, tmp_path_factory):
+    """The same 4-rank HSDP (2 replicas x 2 shards) run of 10 steps, saved at 5 and 10,
+    with fully_parallel_save on (the default) and off."""
+    runs = {}
+    for balanced in ("true", "false"):
+        dump = tmp_path_factory.mktemp(f"hsdp-balanced-{balanced}")
+        overrides = {**base, **HSDP, "training.steps": "10", "checkpoint.interval": "5",
+                     "checkpoint.fully_parallel_save": balanced}
+        runs[balanced] = dump, run_torchrun(4, overrides, dump)
+    return runs
+
+
+def test_fully_parallel_save_balances_replicas_and_writes_the_same_state(hsdp_runs, tmp_path):
+    (balanced, losses), (lowest, lowest_losses) = hsdp_runs["true"], hsdp_runs["false"]
+    assert losses == lowest_losses
+    sizes = shard_sizes(balanced / STEP_DIR.format(10))
+    assert max(sizes) <= 1.10 * min(sizes), sizes  # balanced within 10%
+    skewed = shard_sizes(lowest / STEP_DIR.format(10))
+    assert max(skewed[2:]) < 0.05 * min(skewed[:2]), skewed  # replicas 2, 3 write ~nothing
+    assert abs(sum(sizes) - sum(skewed)) < 0.01 * sum(sizes)  # every tensor written once
+    assert_same_state(full_state(balanced / STEP_DIR.format(10), tmp_path / "a.pt"),
+                      full_state(lowest / STEP_DIR.format(10), tmp_path / "b.pt"))
+
+
+def test_fully_parallel_load_reads_each_replica_once_and_resumes_bitwise(hsdp_runs, base,
+                                                                          tmp_path):
+    dump, losses = hsdp_runs["true"]
+    shutil.copytree(dump, tmp_path, dirs_exist_ok=True)
+    overrides = {**base, **HSDP, "training.steps": "10", "checkpoint.interval": "5",
+                 "checkpoint.load_step": "5", "checkpoint.fully_parallel_load": "true"}
+    assert run_torchrun(4, overrides, tmp_path) == losses  # bitwise
+    assert_resumed(tmp_path, 5, dump)
+    log = last_run_log(tmp_path)
+    read = json.loads(log.split("bytes read per rank: ", 1)[1].split("]", 1)[0] + "]")
+    stored = sum(shard_sizes(tmp_path / STEP_DIR.format(5)))
+    # Without it each rank reads its whole half of the state (~stored / 2); with it, a
+    # quarter: each replicated tensor is read by one of its two replicas.
+    assert max(read) < 0.3 * stored and sum(read) < 1.05 * stored, (read, stored)
+    assert max(read) <= 1.15 * min(read), read
+    assert "fully_parallel_load: " in log

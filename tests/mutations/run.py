@@ -168,6 +168,25 @@ MUTATIONS = [
              'if not is_transient(e) or elapsed + delay > budget_sec:', 'if True:',
              [f"{U}test_tiers.py::test_transient_errors_are_retried_and_others_are_not",
               "tests/integration/test_s3.py::test_s3_outage_during_saves_is_retried"]),
+    # Issue 11: who writes, who reads, plan reuse.
+    Mutation("save-not-balanced", "raytitan/checkpoint/planning.py",
+             "dedup_save_to_lowest_rank=not balanced", "dedup_save_to_lowest_rank=True",
+             [f"{D}test_checkpoint.py::test_fully_parallel_save_balances_replicas_and_writes_the_same_state"]),
+    Mutation("save-always-balanced", "raytitan/checkpoint/planning.py",
+             "dedup_save_to_lowest_rank=not balanced", "dedup_save_to_lowest_rank=False",
+             [f"{D}test_checkpoint.py::test_fully_parallel_save_balances_replicas_and_writes_the_same_state"]),
+    Mutation("every-replica-reads", "raytitan/checkpoint/planning.py",
+             "            skip.add(fqn)", "            pass",
+             [f"{D}test_checkpoint.py::test_fully_parallel_load_reads_each_replica_once_and_resumes_bitwise"]),
+    Mutation("replicas-not-broadcast", "raytitan/checkpoint/loading.py",
+             "            broadcast_replicas(shares)", "            pass",
+             [f"{D}test_checkpoint.py::test_fully_parallel_load_reads_each_replica_once_and_resumes_bitwise"]),
+    Mutation("plans-never-cached", "raytitan/checkpoint/planning.py",
+             "enable_plan_caching=cache_kind is not None", "enable_plan_caching=False",
+             [f"{U}test_checkpoint.py::test_cached_save_plans_write_identical_files_and_replan_on_a_new_structure"]),
+    Mutation("one-plan-cache-for-every-kind", "raytitan/checkpoint/planning.py",
+             'f"raytitan:{cache_kind}"', '"raytitan:full-float32"',
+             [f"{U}test_checkpoint.py::test_cached_save_plans_write_identical_files_and_replan_on_a_new_structure"]),
 ]
 
 

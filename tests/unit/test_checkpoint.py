@@ -494,3 +494,52 @@ def test_crc32_combine_equals_the_crc_of_the_concatenation(n1, n2):
 
     a, b = os.urandom(n1), os.urandom(n2)
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b)
+
+
+# -- save plans (issue 11) ------------------------------------------------------------------
+
+
+def test_cached_save_plans_write_identical_files_and_replan_on_a_new_structure(tmp_path):
+    """ckpt_assume_constant_structure: a save of an unchanged structure reuses the cached
+    plan (DCP's cache, under raytitan's key) and writes the same shard bytes as an uncached
+    save of the same state; a changed structure (a layer added to the model) is
+    re-planned; a model-only save has a plan of its own; every step loads whole."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans):
+        for key in [k for k in cache if k.startswith("raytitan:")]:
+            del cache[key]
+
+    def shards(run, step):
+        files = json.loads(open(run.storage.step_path(step, "checksums.json")).read())
+        return {name: entry[:2] for name, entry in files.items() if name.endswith(".distcp")}
+
+    def saves(run) -> list:
+        plans = []
+        for step in (1, 2, 3):
+            if step == 2:
+                run.step()
+                run.model.append(nn.Linear(4, 4))  # a new structure
+            run.ckpt.save(step)
+            run.ckpt.poll(wait=True)
+            plans.append(SavePlanner._cached_save_plan.get("raytitan:full-float32"))
+        return plans
+
+    cached = Run(tmp_path / "cached", ckpt_assume_constant_structure=True)
+    plans = saves(cached)
+    weights = cached.weights()
+    assert plans[0] is not None and plans[1] is not plans[0]  # re-planned on the change
+    assert plans[2] is plans[1]  # unchanged: the cached plan
+    plain = Run(tmp_path / "plain")  # the same seed and steps, no cache
+    assert all(plan is plans[1] for plan in saves(plain))  # it never touches the cache
+    assert [shards(cached, s) for s in (1, 2, 3)] == [shards(plain, s) for s in (1, 2, 3)]
+    assert shards(cached, 2) == shards(cached, 3)
+
+    cached.ckpt.save(4, model_only=True)
+    cached.ckpt.poll(wait=True)
+    assert "raytitan:model-float32" in SavePlanner._cached_save_plan
+    assert SavePlanner._cached_save_plan["raytitan:full-float32"] is plans[1]
+    grown = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4))
+    resumed = Run(tmp_path / "cached", model=grown, seed=5, load_step=3, load_optim=False)
+    assert resumed.ckpt.load().step == 3
+    assert same(resumed.weights(), weights)
