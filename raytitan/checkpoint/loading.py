@@ -64,6 +64,7 @@ class StepLoader:
         self.pg = pg
         self.ctrl = ctrl
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.last_read_bytes = 0  # by the last load, this rank
 
     def _on_rank0(self, fn) -> Any:
         return on_rank0(fn, self.ctrl)
@@ -168,6 +169,7 @@ class StepLoader:
             request[group][name] = value
         self.contents.apply(request, part_keys)
         seconds = time.perf_counter() - start
+        self.last_read_bytes = reader.read_bytes
         read: list[Any] = [None] * self.world_size
         dist.all_gather_object(read, reader.read_bytes, group=self.ctrl)
         logger.info("checkpoint: loaded %s of %s in %.2f s (CRC32 of %d items checked on "
