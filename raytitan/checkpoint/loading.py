@@ -114,7 +114,7 @@ class StepLoader:
         start = time.perf_counter()
         items = self._verify(storage, step, commit, others)
         url = storage.step_url(step)
-        reader = step_reader(url, storage.options, items)
+        reader = step_reader(url, storage.options, items, cfg.thread_count)
         stored: set[str] = self._on_rank0(
             lambda: set(step_reader(url, storage.options).read_metadata().state_dict_metadata))
         stored_groups = {key.split(".", 1)[0] for key in stored}

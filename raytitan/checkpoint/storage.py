@@ -22,14 +22,17 @@ reported, and moved to <root>/quarantine/ if a save needs its name.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
 import os
 import re
 import shutil
+import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -570,18 +573,47 @@ class StepReader(FsspecReader):
 
     Args:
         items: {file: {offset: [length, crc32]}}; items not in it are read unchecked.
+        threads: read (and check) this rank's items in this many threads, each its own
+            share of the bytes in file order, so reads, CRC32s and deserialization overlap.
     """
 
-    def __init__(self, url: str, storage_options: dict, items: dict[str, dict]) -> None:
+    def __init__(self, url: str, storage_options: dict, items: dict[str, dict],
+                 threads: int = 1) -> None:
         super().__init__(url, **storage_options)
         self.url = url
         self.items = items
+        self.threads = threads
         self.checked_items = 0
         self.checked_bytes = 0
         self.read_bytes = 0
+        self._count_lock = threading.Lock()
+
+    def read_data(self, plan, planner):
+        if self.threads < 2 or len(plan.items) < 2:
+            return super().read_data(plan, planner)
+        length = lambda item: self.storage_data[item.storage_index].length  # noqa: E731
+        shares: list[list] = [[] for _ in range(self.threads)]
+        loads = [0] * self.threads
+        for item in sorted(plan.items, key=length, reverse=True):  # largest first, to the
+            k = loads.index(min(loads))                             # least-loaded thread
+            shares[k].append(item)
+            loads[k] += length(item)
+        where = lambda item: (self.storage_data[item.storage_index].relative_path,  # noqa: E731
+                              self.storage_data[item.storage_index].offset)
+        read = super().read_data
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="step-reader") as pool:
+            futures = [pool.submit(lambda share: read(dataclasses.replace(
+                plan, items=sorted(share, key=where)), planner).wait(), share)
+                for share in shares if share]
+            for future in futures:
+                future.result()
+        done: Future = Future()
+        done.set_result(None)
+        return done
 
     def _slice_file(self, file, sinfo):
-        self.read_bytes += sinfo.length
+        with self._count_lock:
+            self.read_bytes += sinfo.length
         expected = self.items.get(sinfo.relative_path, {}).get(str(sinfo.offset))
         if expected is None or expected[0] != sinfo.length:
             return super()._slice_file(file, sinfo)
@@ -594,12 +626,13 @@ class StepReader(FsspecReader):
                 f"{self.url}/{sinfo.relative_path} is damaged: the {sinfo.length} bytes at "
                 f"offset {sinfo.offset} ({key}) do not match the CRC32 recorded when they "
                 "were written")
-        self.checked_items += 1
-        self.checked_bytes += len(data)
+        with self._count_lock:
+            self.checked_items += 1
+            self.checked_bytes += len(data)
         return io.BytesIO(data)
 
 
 def step_reader(url: str, storage_options: dict[str, str],
-                items: dict[str, dict] | None = None) -> StepReader:
+                items: dict[str, dict] | None = None, threads: int = 1) -> StepReader:
     """A DCP reader of a step; with `items` (from checksums.json) it checks every item."""
-    return StepReader(url, storage_options, items or {})
+    return StepReader(url, storage_options, items or {}, threads)

@@ -440,6 +440,11 @@ class Checkpoint:
     interval_seconds: float = 0.0
     """Also save when this many seconds have passed since the last save (0 = steps only)."""
 
+    thread_count: int = 1
+    """Threads per rank writing a persistent step (one shard file each: writes, CRC32s
+    and fsyncs overlap; DCP's FileSystemWriter thread_count) and reading one (each its
+    share of the rank's items). Measured in docs/benchmarks.md "Checkpoint save and load"."""
+
     fully_parallel_save: bool = True
     """A tensor held by several ranks (HSDP replicas, TP-replicated norms) is written once,
     the writers spread so every rank writes about the same bytes; false: the lowest rank
@@ -496,6 +501,7 @@ class Checkpoint:
         _check_positive("checkpoint.interval", self.interval)
         _check_positive("checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
         _check_positive("checkpoint.lease_timeout", self.lease_timeout)
+        _check_positive("checkpoint.thread_count", self.thread_count)
         for name in ("storage_retry_seconds", "interval_seconds", "non_persistent_interval_seconds",
                      "non_persistent_save_interval", "replication_jump"):
             _check_positive(f"checkpoint.{name}", getattr(self, name), allow_zero=True)

@@ -543,3 +543,16 @@ def test_cached_save_plans_write_identical_files_and_replan_on_a_new_structure(t
     resumed = Run(tmp_path / "cached", model=grown, seed=5, load_step=3, load_optim=False)
     assert resumed.ckpt.load().step == 3
     assert same(resumed.weights(), weights)
+
+
+def test_thread_count_writes_a_file_per_thread_and_loads_bitwise(tmp_path):
+    run = Run(tmp_path, thread_count=2)
+    run.train_and_save(2)
+    weights = run.weights()
+    shards = sorted(n for n in os.listdir(run.storage.step_path(2)) if n.endswith(".distcp"))
+    assert shards == ["__0_0.distcp", "__0_1.distcp"]
+    resumed = Run(tmp_path, seed=3, thread_count=2)  # read in 2 threads, CRC32s checked
+    assert resumed.ckpt.load().step == 2
+    assert same(resumed.weights(), weights)
+    assert resumed.ckpt.loader.last_read_bytes == sum(  # every item of both files, once
+        os.path.getsize(os.path.join(run.storage.step_path(2), name)) for name in shards)
