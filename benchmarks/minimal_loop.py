@@ -27,6 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", required=True)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--flavor", default="debug")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--local-batch-size", type=int, default=8)
     p.add_argument("--log-freq", type=int, default=10)
@@ -44,7 +45,7 @@ def main() -> None:
     n = len(tokens) // (a.seq_len + 1)
     samples = torch.from_numpy(tokens[: n * (a.seq_len + 1)].reshape(n, -1).astype(np.int64))
 
-    args = dataclasses.replace(LLAMA3_FLAVORS["debug"], vocab_size=manifest["vocab_size"],
+    args = dataclasses.replace(LLAMA3_FLAVORS[a.flavor], vocab_size=manifest["vocab_size"],
                                max_seq_len=a.seq_len)
     with torch.device("meta"):
         model = Llama3(args)
