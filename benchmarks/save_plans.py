@@ -30,6 +30,9 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_overhead import write_section  # noqa: E402
 
 
 class Counter:
@@ -162,18 +165,6 @@ def table(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    doc = path.read_text()
-    start, end = "<!-- save_plans:start -->", "<!-- save_plans:end -->"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-layers", type=int, default=4)
@@ -203,7 +194,7 @@ def main() -> None:
     text = table(results, args)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section(text + "\n", "save_plans")
 
 
 def free_port() -> int:

@@ -269,8 +269,8 @@ class CheckpointManager:
         if self.cfg.async_mode == "async":
             # Copies the state in this thread, then writes the copy in a thread.
             future = dcp.async_save(state, storage_writer=writer, planner=planner,
-                                    process_group=self.pg, async_checkpointer_type=AsyncCheckpointerType.THREAD,
-                                    async_stager=self._stager)
+                                    process_group=self.pg, async_stager=self._stager,
+                                    async_checkpointer_type=AsyncCheckpointerType.THREAD)
             staging = None
         else:
             # Stages into reused buffers in a thread; a separate process writes.
@@ -279,8 +279,8 @@ class CheckpointManager:
                 # queued optimizer step: without this it can read half-updated weights.
                 torch.cuda.current_stream().synchronize()
             response = dcp.async_save(state, storage_writer=writer, planner=planner,
-                                      process_group=self.pg, async_checkpointer_type=AsyncCheckpointerType.PROCESS,
-                                      async_stager=self._stager)
+                                      process_group=self.pg, async_stager=self._stager,
+                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS)
             future, staging = response.upload_completion, response.staging_completion
         stall = time.perf_counter() - start
         self._pending = _PendingSave(step, future, staging, model_only, dtype, start, stall)

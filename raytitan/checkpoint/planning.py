@@ -40,7 +40,6 @@ def save_planner(*, balanced: bool, cache_kind: str | None) -> DefaultSavePlanne
 class ReplicaShare:
     """One replicated tensor that this rank receives (or sends) after the read."""
 
-    fqn: str
     local: torch.Tensor
     group: dist.ProcessGroup
     owner: int  # group rank of the replica that reads it
@@ -85,7 +84,7 @@ def split_replicas(request: dict[str, Any]) -> tuple[set[str], list[ReplicaShare
         bytes_owned[owner] += local.numel() * local.element_size()
         if dist.get_rank(group) != owner:
             skip.add(fqn)
-        shares.append(ReplicaShare(fqn, local, group, owner))
+        shares.append(ReplicaShare(local, group, owner))
     return skip, shares
 
 

@@ -22,7 +22,6 @@ reported, and moved to <root>/quarantine/ if a save needs its name.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import io
 import json
@@ -34,7 +33,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import fsspec
@@ -591,22 +590,20 @@ class StepReader(FsspecReader):
     def read_data(self, plan, planner):
         if self.threads < 2 or len(plan.items) < 2:
             return super().read_data(plan, planner)
-        length = lambda item: self.storage_data[item.storage_index].length  # noqa: E731
+        info = lambda item: self.storage_data[item.storage_index]  # noqa: E731
         shares: list[list] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads
-        for item in sorted(plan.items, key=length, reverse=True):  # largest first, to the
-            k = loads.index(min(loads))                             # least-loaded thread
+        for item in sorted(plan.items, key=lambda i: info(i).length, reverse=True):
+            k = loads.index(min(loads))  # largest items first, each to the least-loaded
             shares[k].append(item)
-            loads[k] += length(item)
-        where = lambda item: (self.storage_data[item.storage_index].relative_path,  # noqa: E731
-                              self.storage_data[item.storage_index].offset)
-        read = super().read_data
+            loads[k] += info(item).length
+
+        def read(share: list) -> None:
+            in_file_order = sorted(share, key=lambda i: (info(i).relative_path, info(i).offset))
+            super(StepReader, self).read_data(replace(plan, items=in_file_order), planner).wait()
+
         with ThreadPoolExecutor(self.threads, thread_name_prefix="step-reader") as pool:
-            futures = [pool.submit(lambda share: read(dataclasses.replace(
-                plan, items=sorted(share, key=where)), planner).wait(), share)
-                for share in shares if share]
-            for future in futures:
-                future.result()
+            list(pool.map(read, [share for share in shares if share]))  # raises the first error
         done: Future = Future()
         done.set_result(None)
         return done
