@@ -1,18 +1,22 @@
 """The fast tier: non-persistent checkpoints that survive a lost worker or a lost node in
 seconds (Megatron's non_persistent_* options; docs/checkpointing.md "Tiers").
 
-Each rank writes its own shards (plain local tensors, no resharding) with torch.save to a
-folder of its node; with `replication` it also sends them to `replication_factor - 1` ranks
-on other nodes, which keep them beside their own. A step is complete when every rank has
+Each rank writes its own shards (plain local tensors, no resharding) to a folder of its
+node: with torch.save (`local`, `global`), or, `in_memory`, as raw bytes copied straight from
+the live tensors into a shared-memory file that outlives the process (no clone, no
+serialization; a small pickled index says where each tensor lies). With `replication` it
+also sends its file to `replication_factor - 1` ranks on other nodes, which keep it beside
+their own. A step is complete when every rank has
 written its file and its replicas (an all-reduce), and only then gets COMPLETE.json on
 each node; older steps are deleted then. Recovery gathers what every rank can read, takes
 the newest complete step that this mesh can load and that is newer than the persistent
 choice, and sends each rank its file from the node that has it (own node first).
 
-    <node dir>/step-<N>/rank-<R>.pt    rank R's state (on R's node, or a replica)
-    <node dir>/step-<N>/COMPLETE.json  {step, lineage, world_size, mesh, algo}
+    <node dir>/step-<N>/rank-<R>.pt    rank R's state (on R's node, or a replica); .raw for
+                                       in_memory
+    <node dir>/step-<N>/COMPLETE.json  {step, lineage, world_size, mesh, algo, type}
 
-The node dir is <non_persistent_local_ckpt_dir>/<node id> (local) or the shared
+The node dir is <non_persistent_local_ckpt_dir>/<node id> (local, in_memory) or the shared
 non_persistent_global_ckpt_dir (global). Background work runs on its own gloo group
 (one group used from two threads deadlocks; PLATFORM.md).
 """
@@ -24,6 +28,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -47,6 +52,8 @@ FAKE_RANKS_PER_NODE_ENV = "RAYTITAN_FAKE_RANKS_PER_NODE"
 # Set by the Ray launcher: the Ray node id (loopback clusters share one hostname).
 NODE_ID_ENV = "RAYTITAN_NODE_ID"
 _SKIPPED = "__raytitan_replica_of_main__"
+RAW_MAGIC = b"RTRAW\x00v1"  # an in_memory file: magic, index length (8 bytes), index, tensors
+_ALIGN = 64
 
 
 def node_id(rank: int) -> str:
@@ -125,6 +132,7 @@ class FastTier:
         elif cfg.replication:
             logger.info("checkpoint: one node, so the fast tier keeps no replicas")
         self.dedup = cfg.non_persistent_local_ckpt_algo == "fully_parallel"
+        self.raw = cfg.non_persistent_ckpt_type == "in_memory"
         self._executor = ThreadPoolExecutor(1, "raytitan-fast-tier") if background else None
         self._pending: tuple[int, Future] | None = None
         self.last_complete: int | None = None
@@ -141,17 +149,28 @@ class FastTier:
 
     def save(self, step: int) -> None:
         """Copy this rank's state (the training stall), then write and replicate it, in the
-        background if configured. A failed fast-tier save is logged, never fatal."""
+        background if configured. in_memory copies straight into its shared-memory file,
+        so only replication and the commit are left for later. A failed fast-tier save is
+        logged, never fatal."""
         self.wait()
         start = time.perf_counter()
-        snapshot = self._snapshot()
+        snapshot, error = None, ""
+        if self.raw:
+            try:
+                self._prepare(step)
+                _write_raw(self._path(step, self.rank), self._local(self._state(), clone=False))
+            except Exception as e:
+                error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        else:
+            snapshot = self._local(self._state(), clone=True)
         self.last_stall_sec = time.perf_counter() - start
         self.last_save_time = time.monotonic()
         if self._executor is None:
-            self._finish(step, self._write(step, snapshot, start))
+            self._finish(step, self._write(step, snapshot, start, error))
             self.last_stall_sec = time.perf_counter() - start
         else:
-            self._pending = (step, self._executor.submit(self._write, step, snapshot, start))
+            self._pending = (step, self._executor.submit(self._write, step, snapshot, start,
+                                                         error))
 
     def poll(self) -> None:
         """Note a background save that has finished (no collective)."""
@@ -192,31 +211,32 @@ class FastTier:
         state["rng"] = {f"rank{self.rank}": rng_state()}
         return state
 
-    def _snapshot(self) -> dict[str, Any]:
-        """This rank's state as plain tensors, copied (training goes on changing them)."""
-        def local(value: Any) -> Any:
-            if isinstance(value, DTensor):
-                if self.dedup and not _is_main_replica(value):
-                    return _SKIPPED
-                return value.to_local().detach().clone()
-            if isinstance(value, torch.Tensor):
-                return value.detach().clone()
-            if isinstance(value, dict):
-                return {k: local(v) for k, v in value.items()}
-            return copy.deepcopy(value)
+    def _local(self, value: Any, clone: bool) -> Any:
+        """This rank's state as plain tensors (DTensors' local shards; replicated shards
+        skipped but on their main replica when deduplicating), cloned if `clone` (training
+        goes on changing them)."""
+        if isinstance(value, DTensor):
+            if self.dedup and not _is_main_replica(value):
+                return _SKIPPED
+            value = value.to_local()
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone() if clone else value.detach()
+        if isinstance(value, dict):
+            return {k: self._local(v, clone) for k, v in value.items()}
+        return copy.deepcopy(value) if clone else value
 
-        return local(self._state())
-
-    def _write(self, step: int, snapshot: dict[str, Any], start: float
+    def _write(self, step: int, snapshot: dict[str, Any] | None, start: float, error: str
                ) -> tuple[bool, str, float]:
-        """Write this rank's file, exchange replicas, agree that every rank did (on every
-        rank, whatever failed, so no rank is left in a collective)."""
-        error = ""
+        """Write this rank's file (unless in_memory wrote it already), exchange replicas,
+        agree that every rank did (on every rank, whatever failed, so no rank is left in a
+        collective)."""
         size = -1
         try:
-            self._prepare(step)
-            _write_file(self._path(step, self.rank), snapshot)  # straight to the file
-            size = os.path.getsize(self._path(step, self.rank))
+            if not error:
+                if snapshot is not None:
+                    self._prepare(step)
+                    _write_file(self._path(step, self.rank), snapshot)  # straight to the file
+                size = os.path.getsize(self._path(step, self.rank))
         except Exception as e:
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
         del snapshot
@@ -232,7 +252,8 @@ class FastTier:
         if int(flag[0]):
             return False, error or f"{int(flag[0])} rank(s) failed", 0.0
         marker = {"step": step, "lineage": self.lineage, "world_size": self.world_size,
-                  "mesh": self.mesh, "algo": self.cfg.non_persistent_local_ckpt_algo}
+                  "mesh": self.mesh, "algo": self.cfg.non_persistent_local_ckpt_algo,
+                  "type": self.cfg.non_persistent_ckpt_type}
         _write_file(os.path.join(self._step_dir(step), COMPLETE), json.dumps(marker).encode())
         self._remove_older(step)
         return True, "", time.perf_counter() - start
@@ -268,7 +289,11 @@ class FastTier:
         return os.path.join(self.dir, f"step-{step}")
 
     def _path(self, step: int, owner: int) -> str:
-        return os.path.join(self._step_dir(step), f"rank-{owner}.pt")
+        return os.path.join(self._step_dir(step), f"rank-{owner}{self._suffix}")
+
+    @property
+    def _suffix(self) -> str:
+        return ".raw" if self.raw else ".pt"
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -298,6 +323,9 @@ class FastTier:
                 continue
             if marker["algo"] != self.cfg.non_persistent_local_ckpt_algo:
                 reasons.append(f"step {step} was saved with algo {marker['algo']}")
+                continue
+            if (kind := marker.get("type", "local")) != self.cfg.non_persistent_ckpt_type:
+                reasons.append(f"step {step} was saved with non_persistent_ckpt_type {kind}")
                 continue
             owners = holders.get(step, {})
             lost = [r for r in range(self.world_size) if r not in owners]
@@ -337,8 +365,12 @@ class FastTier:
                 requests.append((dist.irecv(received, source, group=self.ctrl), received))
         for transfer, _ in requests:  # each with its tensor, alive until the transfer is done
             transfer.wait()
-        if received is None:  # its own node's file, memory-mapped (no copy until _fill)
+        if received is None and self.raw:  # its own node's file, mapped: views, no copy
+            saved = _read_raw(_file_tensor(self._path(step, self.rank), choice.sizes[self.rank]))
+        elif received is None:  # memory-mapped (no copy until _fill)
             saved = torch.load(self._path(step, self.rank), mmap=True, weights_only=False)
+        elif self.raw:
+            saved = _read_raw(received)
         else:
             saved = torch.load(io.BytesIO(memoryview(received.numpy())), weights_only=False)
         saved = {key: value for key, value in saved.items() if key in request}
@@ -367,8 +399,8 @@ class FastTier:
             except (OSError, ValueError):
                 pass
             for entry in os.listdir(folder):
-                if entry.startswith("rank-") and entry.endswith(".pt"):
-                    owner = int(entry[5:-3])
+                if entry.startswith("rank-") and entry.endswith(self._suffix):
+                    owner = int(entry[5:-len(self._suffix)])
                     files.setdefault(step, {})[owner] = os.path.getsize(
                         os.path.join(folder, entry))
         return markers, files
@@ -430,6 +462,71 @@ def _step_dirs(folder: str) -> list[str]:
 def _file_tensor(path: str, size: int) -> torch.Tensor:
     """A file's bytes as a uint8 tensor, memory-mapped (a send reads them from the page)."""
     return torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+
+
+class _TensorAt:
+    """Where a tensor lies in an in_memory file (the index holds these in its place)."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> None:
+        self.dtype, self.shape, self.offset = dtype, shape, offset
+
+
+def _write_raw(path: str, state: dict[str, Any]) -> None:
+    """in_memory: copy every tensor of `state` straight into a file mapped in shared memory
+    (one copy, no serialization); the rest of the structure is a pickled index in front.
+    Written under a temporary name and renamed, whole or not at all."""
+    tensors: list[torch.Tensor] = []
+    end = [0]
+
+    def place(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: place(v) for k, v in value.items()}
+        if not isinstance(value, torch.Tensor):
+            return value
+        at = _TensorAt(value.dtype, tuple(value.shape), end[0])
+        tensors.append(value)
+        end[0] += -(-value.numel() * value.element_size() // _ALIGN) * _ALIGN
+        return at
+
+    index = pickle.dumps(place(state))
+    head = -(-(len(RAW_MAGIC) + 8 + len(index)) // _ALIGN) * _ALIGN
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.truncate(head + end[0])
+    mapped = torch.from_file(tmp, shared=True, size=head + end[0], dtype=torch.uint8)
+    header = RAW_MAGIC + len(index).to_bytes(8, "little") + index
+    mapped[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+    offset = head
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        mapped[offset:offset + size].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        offset += -(-size // _ALIGN) * _ALIGN
+    del mapped  # unmapped: the file holds the bytes
+    os.replace(tmp, path)
+
+
+def _read_raw(data: torch.Tensor) -> dict[str, Any]:
+    """An in_memory file's state from its bytes (a mapped file or a received buffer): every
+    tensor a view into `data`, nothing copied."""
+    raw = data.numpy()
+    if raw[:len(RAW_MAGIC)].tobytes() != RAW_MAGIC:
+        raise CheckpointError(f"not an in_memory fast-tier file (magic "
+                              f"{raw[:len(RAW_MAGIC)].tobytes()!r}, expected {RAW_MAGIC!r})")
+    length = int.from_bytes(raw[len(RAW_MAGIC):len(RAW_MAGIC) + 8].tobytes(), "little")
+    start = len(RAW_MAGIC) + 8
+    head = -(-(start + length) // _ALIGN) * _ALIGN
+    index = pickle.loads(raw[start:start + length].tobytes())
+
+    def view(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: view(v) for k, v in value.items()}
+        if not isinstance(value, _TensorAt):
+            return value
+        size = value.dtype.itemsize * int(torch.Size(value.shape).numel())
+        offset = head + value.offset
+        return data[offset:offset + size].view(value.dtype).view(value.shape)
+
+    return view(index)
 
 
 def _write_file(path: str, data: Any) -> None:

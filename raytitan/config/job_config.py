@@ -324,7 +324,7 @@ ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Top-level keys of a checkpoint, the valid entries of exclude_from_loading.
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "train_state", "dataloader", "rng")
-FAST_TIER_TYPES = ("local", "global")
+FAST_TIER_TYPES = ("local", "in_memory", "global")
 FAST_TIER_ALGOS = ("fully_parallel", "atomic")
 # Megatron's dist_ckpt_strictness values (see docs/checkpointing.md for what each does).
 STRICTNESS = ("assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
@@ -470,12 +470,15 @@ class Checkpoint:
     """Also save to the fast tier when this many seconds have passed since its last save."""
 
     non_persistent_ckpt_type: str = "local"
-    """local: each rank writes its own state to node-local storage
-    (non_persistent_local_ckpt_dir); global: to non_persistent_global_ckpt_dir, one
-    filesystem every node mounts."""
+    """local: each rank writes its own state with torch.save to node-local storage
+    (non_persistent_local_ckpt_dir); in_memory: each rank copies its tensors' raw bytes
+    straight into a shared-memory file there (RAM by default; it outlives the process, no
+    serialization, recovery maps it); global: torch.save to non_persistent_global_ckpt_dir,
+    one filesystem every node mounts."""
 
     non_persistent_local_ckpt_dir: str = ""
-    """Node-local fast-tier folder; empty = /dev/shm/raytitan/<job.name> (RAM)."""
+    """Node-local fast-tier folder (local, in_memory); empty = /dev/shm/raytitan/<job.name>
+    (RAM). For in_memory it should be RAM-backed (a tmpfs)."""
 
     non_persistent_global_ckpt_dir: str = ""
     """Shared fast-tier folder (non_persistent_ckpt_type = global); relative to
@@ -514,7 +517,8 @@ class Checkpoint:
                               "must be >= 2 (the rank's own copy and at least one replica)")
         if self.non_persistent_ckpt_type == "global" and self.replication:
             raise ConfigError("checkpoint.replication applies to non_persistent_ckpt_type = "
-                              "local; a global fast tier is on shared storage already")
+                              "local or in_memory; a global fast tier is on shared storage "
+                              "already")
         if (self.non_persistent_ckpt_type == "global" and self.fast_tier
                 and not self.non_persistent_global_ckpt_dir):
             raise ConfigError("checkpoint.non_persistent_ckpt_type = global needs "

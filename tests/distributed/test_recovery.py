@@ -66,12 +66,13 @@ def test_killed_worker_resumes_from_its_own_node(base, reference_dp2, tmp_path):
 
 def test_lost_node_resumes_from_peer_replicas(base, tiny_dataset, tmp_path_factory):
     """Two fake nodes of one rank each, tensor parallel 2 (the norms are replicated over TP,
-    so fully_parallel writes them on rank 0 only), replication on, background saves. Rank 1
-    dies with its node's folder as step 9 starts: its state comes from its replica on rank
-    0, bitwise, without reading persistent storage."""
+    so fully_parallel writes them on rank 0 only), the in_memory type (raw bytes, no
+    torch.save), replication on, background saves. Rank 1 dies with its node's folder as
+    step 9 starts: its state comes from its replica on rank 0, bitwise, without reading
+    persistent storage."""
     run = {**base, "parallelism.tensor_parallel_degree": "2",
            "parallelism.data_parallel_shard_degree": "1", "checkpoint.async_mode": "async",
-           "checkpoint.replication": "true"}
+           "checkpoint.replication": "true", "checkpoint.non_persistent_ckpt_type": "in_memory"}
     env = {"RAYTITAN_FAKE_RANKS_PER_NODE": "1"}
     ref = tmp_path_factory.mktemp("ref_tp2")
     expected = run_torchrun(2, {**run, "checkpoint.non_persistent_local_ckpt_dir":
@@ -92,7 +93,7 @@ def test_lost_node_resumes_from_peer_replicas(base, tiny_dataset, tmp_path_facto
         steps = os.listdir(local / node)
         assert len(steps) == 1, steps
         assert sorted(os.listdir(local / node / steps[0])) == [
-            "COMPLETE.json", "rank-0.pt", "rank-1.pt"]
+            "COMPLETE.json", "rank-0.raw", "rank-1.raw"]
 
 
 def test_sigterm_saves_a_step_and_the_resumed_run_repeats_none(base, reference_dp2,

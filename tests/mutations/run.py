@@ -83,9 +83,10 @@ MUTATIONS = [
              [f"{U}test_reliability.py::test_the_optimizer_waits_for_the_background_copy"]),
     Mutation("commit-before-shards", "raytitan/checkpoint/manager.py",
              '            try:\n                dcp.save(state, storage_writer=writer, '
-             'process_group=self.pg)',
+             'planner=planner, process_group=self.pg)',
              '            self._commit(step, model_only, dtype, 0.0)\n            try:\n'
-             '                dcp.save(state, storage_writer=writer, process_group=self.pg)',
+             '                dcp.save(state, storage_writer=writer, planner=planner, '
+             'process_group=self.pg)',
              [f"{U}test_checkpoint.py::test_crash_during_save_keeps_previous_step_latest"]),
     Mutation("commit-without-file-check", "raytitan/checkpoint/storage.py",
              '        if problems := self.check_sizes(step, {"files": entries}):',
@@ -151,7 +152,7 @@ MUTATIONS = [
              [f"{U}test_tiers.py::test_fast_tier_step_is_resumed_when_newest",
               f"{D}test_recovery.py::test_killed_worker_resumes_from_its_own_node"]),
     Mutation("replicas-not-sent", "raytitan/checkpoint/fast.py",
-             '                self._exchange(step, data, sizes)\n', '                pass\n',
+             '                self._exchange(step, sizes)\n', '                pass\n',
              [f"{D}test_recovery.py::test_lost_node_resumes_from_peer_replicas"]),
     Mutation("replicated-shards-not-broadcast", "raytitan/checkpoint/fast.py",
              '            _broadcast_replicas(request, saved)\n', '            pass\n',
@@ -159,6 +160,18 @@ MUTATIONS = [
     Mutation("foreign-fast-steps-used", "raytitan/checkpoint/fast.py",
              'if marker["lineage"] != self.lineage:', 'if False:',
              [f"{U}test_tiers.py::test_fast_step_of_another_run_or_mesh_is_not_used"]),
+    Mutation("in-memory-clones-first", "raytitan/checkpoint/fast.py",
+             "self._local(self._state(), clone=False)", "self._local(self._state(), clone=True)",
+             [f"{U}test_tiers.py::"
+              "test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_memory"]),
+    Mutation("in-memory-tensors-misplaced", "raytitan/checkpoint/fast.py",
+             "        offset = head + value.offset\n", "        offset = head\n",
+             [f"{U}test_tiers.py::test_fast_tier_step_is_resumed_when_newest",
+              f"{D}test_recovery.py::test_lost_node_resumes_from_peer_replicas"]),
+    Mutation("fast-tier-type-not-checked", "raytitan/checkpoint/fast.py",
+             '!= self.cfg.non_persistent_ckpt_type:\n', '== "never":\n',
+             [f"{U}test_tiers.py::"
+              "test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_memory"]),
     Mutation("sigterm-ignored", "raytitan/train.py", '        got[0] = 1\n', '',
              [f"{D}test_recovery.py::test_sigterm_saves_a_step_and_the_resumed_run_repeats_none"]),
     Mutation("restart-store-not-prefixed", "raytitan/train.py",

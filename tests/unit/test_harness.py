@@ -20,3 +20,11 @@ def test_rejects_everything_else():
     assert not _aborted_after_finishing(DONE, ABORT + TORCHRUN.format(code=-6)
                                         + TORCHRUN.format(code=1))
     assert not _aborted_after_finishing(DONE, worker_error + ABORT + TORCHRUN.format(code=-6))
+
+
+def test_every_mutation_anchor_is_in_its_file_once():
+    """A mutation whose text no longer matches would break nothing (tests/mutations)."""
+    from tests.mutations.run import MUTATIONS, ROOT
+
+    stale = [m.name for m in MUTATIONS if (ROOT / m.path).read_text().count(m.old) != 1]
+    assert stale == []

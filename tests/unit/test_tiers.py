@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from raytitan.checkpoint import CheckpointError
+from raytitan.checkpoint import CheckpointError, fast
 from raytitan.checkpoint.fast import replica_targets
 from raytitan.checkpoint.retry import is_transient, with_retries
 from raytitan.config import ConfigError, build_job_config
@@ -25,9 +25,10 @@ def fast_run(tmp_path, **cfg) -> Run:
                non_persistent_local_ckpt_dir=str(tmp_path / "fast"), **cfg)
 
 
-@pytest.mark.parametrize("mode", ["disabled", "async"])
-def test_fast_tier_step_is_resumed_when_newest(tmp_path, mode, caplog):
-    run = fast_run(tmp_path, async_mode=mode)
+@pytest.mark.parametrize(("kind", "mode"), [("local", "disabled"), ("local", "async"),
+                                            ("in_memory", "disabled"), ("in_memory", "async")])
+def test_fast_tier_step_is_resumed_when_newest(tmp_path, kind, mode, caplog):
+    run = fast_run(tmp_path, async_mode=mode, non_persistent_ckpt_type=kind)
     for _ in range(3):
         run.step()
     run.ckpt.save(3)  # persistent
@@ -41,7 +42,7 @@ def test_fast_tier_step_is_resumed_when_newest(tmp_path, mode, caplog):
     run.step()
     torch.manual_seed(99)
 
-    resumed = fast_run(tmp_path, async_mode=mode, seed=5)
+    resumed = fast_run(tmp_path, async_mode=mode, seed=5, non_persistent_ckpt_type=kind)
     with caplog.at_level(logging.INFO, logger="raytitan"):
         result = resumed.ckpt.load()
     assert result.step == 5 and result.path.startswith("fast tier")
@@ -51,6 +52,40 @@ def test_fast_tier_step_is_resumed_when_newest(tmp_path, mode, caplog):
     assert torch.equal(resumed.opt.state_dict()["state"][0]["exp_avg"], opt)
     assert resumed.train_state.value == 5 and resumed.dataloader.value == 40
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_memory(
+        tmp_path, caplog):
+    """in_memory writes no torch.save file: each tensor's bytes lie verbatim in a mapped
+    file, written while training waits (the stall), and nothing is cloned first; a run of
+    another fast-tier type does not read it."""
+    run = fast_run(tmp_path, async_mode="async", non_persistent_ckpt_type="in_memory")
+    run.step()
+    clones = []
+    real_clone = torch.Tensor.clone
+    torch.Tensor.clone = lambda self, *a, **k: clones.append(self.shape) or real_clone(self, *a, **k)
+    try:
+        run.ckpt.save_fast(1)
+    finally:
+        torch.Tensor.clone = real_clone
+    weight = run.model[0].weight.detach().clone()
+    run.step()  # changes the weights while the commit may still run: the file must not
+    run.ckpt.poll(wait=True)
+    assert clones == []
+    step_dir = os.path.join(run.ckpt.fast.dir, "step-1")
+    assert sorted(os.listdir(step_dir)) == ["COMPLETE.json", "rank-0.raw"]
+    raw = open(os.path.join(step_dir, "rank-0.raw"), "rb").read()
+    assert raw.startswith(fast.RAW_MAGIC)
+    assert weight.numpy().tobytes() in raw  # verbatim
+    run.ckpt.close()
+
+    with caplog.at_level(logging.INFO, logger="raytitan"):
+        assert fast_run(tmp_path).ckpt.load() is None  # a `local` run: not its format
+    assert "saved with non_persistent_ckpt_type in_memory" in caplog.text
+    with open(os.path.join(tmp_path / "bad.raw"), "wb") as f:
+        f.write(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(CheckpointError, match="not an in_memory fast-tier file"):
+        fast._read_raw(torch.from_file(str(tmp_path / "bad.raw"), size=64, dtype=torch.uint8))
 
 
 def test_persistent_step_wins_when_as_new(tmp_path, caplog):
