@@ -212,6 +212,10 @@ def _fits(cfg: JobConfig, world: int) -> bool:
 
 def launch(cfg: JobConfig) -> ray.train.Result:
     """Validate, start (or join) Ray, prepare data, train. Returns Ray's Result."""
+    if cfg.training.warm_restarts:
+        raise ConfigError(
+            f"training.warm_restarts = {cfg.training.warm_restarts} works under torchrun only; "
+            "under Ray set it to 0 and use ray.max_failures (Ray restarts the worker group)")
     plan = build_plan(cfg, cfg.ray.num_workers)  # fails before any worker starts
     logger.info("%s", plan.describe())
     sizes = elastic_sizes(cfg)

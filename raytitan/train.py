@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raytitan import restart
 from raytitan.checkpoint import CheckpointError, CheckpointManager, build_checkpoint_storage
 from raytitan.checkpoint.folder import check_folder_hosts, open_folder
 from raytitan.checkpoint.manager import TOKENIZER_FILES
@@ -112,8 +113,7 @@ def init_distributed() -> torch.device:
             # connect. Each attempt gets its own key prefix.
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                   is_master=False)
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}", store),
+            dist.init_process_group(backend, store=dist.PrefixStore(restart.store_prefix(), store),
                                     rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]))
         else:
@@ -597,6 +597,22 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_job_config(config_path, argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    if cfg.training.warm_restarts:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            sys.exit(f"error: training.warm_restarts = {cfg.training.warm_restarts} needs "
+                     "torchrun (its agent's store tells the ranks of a failure); set it to 0 "
+                     "or launch with torchrun")
+        on_done: list[Callable[[], None]] = []
+
+        def trainer_process() -> None:
+            _exit_when_orphaned()  # the keeper, this time
+            _run(cfg, on_done)
+
+        sys.exit(restart.keep(trainer_process, cfg.training.warm_restarts, on_done))
+    _run(cfg, [])
+
+
+def _run(cfg: JobConfig, on_done: list[Callable[[], None]]) -> None:
     try:
         trainer = Trainer(cfg, preemption=_sigterm_flag())
         if cfg.checkpoint.create_seed_checkpoint:
@@ -607,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("raytitan").error("error: %s", e)
         sys.exit(f"error: {e}")
     dist.barrier()
+    for callback in on_done:
+        callback()
     dist.destroy_process_group()
     if trainer.preempted_at is not None:
         logger.info("stopped by SIGTERM: %s saved at step %d; resume repeats no step",

@@ -41,7 +41,9 @@ def holder_id() -> str:
         return f"ray:{run_id}"
     host = socket.gethostname()
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        return f"torchrun:{host}:{os.getppid()}"
+        # The agent: it outlives restarts of its ranks (a warm restart's keeper names it).
+        agent = os.environ.get("RAYTITAN_TORCHRUN_AGENT") or os.getppid()
+        return f"torchrun:{host}:{agent}"
     return f"process:{host}:{os.getpid()}"
 
 

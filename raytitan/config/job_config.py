@@ -143,6 +143,12 @@ class Training:
     error and commits nothing more) or skip (checked every step: that step's optimizer update
     is skipped). Weights that are not finite are never saved, whatever this is."""
 
+    warm_restarts: int = 0
+    """Under torchrun: times a failed rank's trainer is restarted warm, forked from a process
+    that keeps Python and the imports (about a second, resuming from the newest checkpoint,
+    fast tier first), before torchrun's own restarts (--max-restarts) take over. 0 = off.
+    Not under Ray (ray.max_failures restarts the group)."""
+
     def __post_init__(self) -> None:
         _check_positive("training.steps", self.steps)
         _check_positive("training.local_batch_size", self.local_batch_size)
@@ -154,6 +160,7 @@ class Training:
         _check_positive("training.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("training.max_norm", self.max_norm, allow_zero=True)
         _check_positive("training.num_threads", self.num_threads, allow_zero=True)
+        _check_positive("training.warm_restarts", self.warm_restarts, allow_zero=True)
         _check_choice("training.decay_type", self.decay_type, DECAY_TYPES)
         _check_choice("training.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _check_choice("training.mixed_precision_param", self.mixed_precision_param, DTYPES)

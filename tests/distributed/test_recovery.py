@@ -64,6 +64,25 @@ def test_killed_worker_resumes_from_its_own_node(base, reference_dp2, tmp_path):
     assert losses == reference_dp2
 
 
+def test_warm_restart_resumes_in_the_same_torchrun_attempt(base, reference_dp2, tmp_path):
+    """training.warm_restarts = 1, torchrun allows no restart: rank 1's trainer is SIGKILLed
+    as step 8 starts while rank 0's sleeps outside any collective (it would not notice);
+    rank 0's keeper ends it, both keepers fork new trainers (generation 1) that meet in a
+    new process group and resume from fast-tier step 6: bitwise, no persistent read, all in
+    torchrun's first attempt."""
+    run = {**base, "checkpoint.non_persistent_local_ckpt_dir": fast_dir(tmp_path),
+           "checkpoint.non_persistent_ckpt_type": "in_memory", "training.warm_restarts": "1"}
+    losses = run_torchrun(2, run, tmp_path, timeout=200, max_restarts=0,
+                          env={"RAYTITAN_KILL_AT": "1:8", "RAYTITAN_STALL_AT": "0:8"})
+    log = last_run_log(tmp_path)
+    assert "rank 1: its trainer exited with -9" in log, log[-3000:]
+    assert "rank 0: rank 1's trainer failed" in log
+    assert log.count(": warm restart 1 of 1") == 2
+    assert "resumed from the FAST TIER, step 6" in log
+    assert persistent_reads(log) == []
+    assert losses == reference_dp2
+
+
 def test_lost_node_resumes_from_peer_replicas(base, tiny_dataset, tmp_path_factory):
     """Two fake nodes of one rank each, tensor parallel 2 (the norms are replicated over TP,
     so fully_parallel writes them on rank 0 only), the in_memory type (raw bytes, no

@@ -9,11 +9,16 @@ here is imported by raytitan itself.
                                       the training thread itself sleeps S s first
     RAYTITAN_SLOW_PERSIST=step-N:S    the shard writes of step N sleep S s first
     RAYTITAN_KILL_AT=R:N[:DIR]        rank R SIGKILLs itself as step N starts, in the first
-                                      torchrun attempt only; DIR (its node's local storage) is
-                                      deleted first, as if the node were lost
+                                      torchrun attempt and warm generation only; DIR
+                                      (its node's local storage) is deleted first, as if
+                                      the node were lost
+    RAYTITAN_STALL_AT=R:N             rank R sleeps 600 s as step N starts (no collective:
+                                      it would not notice a dead peer), same attempt and
+                                      generation rule as RAYTITAN_KILL_AT
     RAYTITAN_SLOW_STEP_SEC=S          every training step sleeps S s first
     RAYTITAN_HOLD_FILE=PATH           a step does not start while PATH exists
-    RAYTITAN_PRINT_STEP_STARTS=1      rank 0 prints "RAYTITAN_STEP_START <step> <time>"
+    RAYTITAN_PRINT_STEP_STARTS=1      rank 0 prints "RAYTITAN_STEP_START <step> <time> <run>"
+                                      (<run>: torchrun attempt.warm generation, e.g. 0.1)
     RAYTITAN_SAMPLE_LOG=DIR           every rank appends each step's sample ids to
                                       DIR/samples-<pid>.jsonl (also in Ray workers)
 """
@@ -75,10 +80,12 @@ if os.environ.get("RAYTITAN_SLOW_STAGING_SEC") or os.environ.get("RAYTITAN_SLOW_
 # Step hooks patch TokenStream.next_batch, called once as each step starts (the Trainer
 # itself runs as __main__ under `-m raytitan.train`, a copy a patch here would not reach).
 _kill = os.environ.get("RAYTITAN_KILL_AT")
+_stall = os.environ.get("RAYTITAN_STALL_AT")
 _slow_step = float(os.environ.get("RAYTITAN_SLOW_STEP_SEC") or 0)
 _sample_log = os.environ.get("RAYTITAN_SAMPLE_LOG")
 _hold = os.environ.get("RAYTITAN_HOLD_FILE")
-if _kill or _slow_step or _sample_log or _hold or os.environ.get("RAYTITAN_PRINT_STEP_STARTS"):
+_print_starts = os.environ.get("RAYTITAN_PRINT_STEP_STARTS")
+if _kill or _stall or _slow_step or _sample_log or _hold or _print_starts:
     import json
     import shutil
     import signal
@@ -88,12 +95,16 @@ if _kill or _slow_step or _sample_log or _hold or os.environ.get("RAYTITAN_PRINT
 
     _next_batch = TokenStream.next_batch
     _steps = [0]
-    if _kill and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        _kill = None  # the restarted attempt runs on undisturbed
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        _kill = _stall = None  # the restarted attempt runs on undisturbed
 
     def _hooked_next_batch(self):
         _steps[0] += 1
-        if _kill and "RANK" in os.environ:
+        # Not in a warm restart's trainer (forked with this module already imported).
+        first = "RANK" in os.environ and os.environ.get("RAYTITAN_GENERATION", "0") == "0"
+        if _stall and first and _stall.split(":") == [os.environ["RANK"], str(_steps[0])]:
+            time.sleep(600)
+        if _kill and first:
             rank, step, *lost_dir = _kill.split(":", 2)
             # A fresh run's first attempt: the n-th batch is step n.
             if os.environ["RANK"] == rank and _steps[0] == int(step):
@@ -108,8 +119,10 @@ if _kill or _slow_step or _sample_log or _hold or os.environ.get("RAYTITAN_PRINT
                 break
             time.sleep(0.1)
         step = self.samples_consumed // self.global_batch_size + 1
-        if os.environ.get("RAYTITAN_PRINT_STEP_STARTS") and os.environ.get("RANK") == "0":
-            print(f"RAYTITAN_STEP_START {step} {time.time():.3f}", flush=True)
+        if _print_starts and os.environ.get("RANK") == "0":
+            run = (f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}."
+                   f"{os.environ.get('RAYTITAN_GENERATION', '0')}")
+            print(f"RAYTITAN_STEP_START {step} {time.time():.3f} {run}", flush=True)
         batch = _next_batch(self)
         if _sample_log:
             with open(os.path.join(_sample_log, f"samples-{os.getpid()}.jsonl"), "a") as f:

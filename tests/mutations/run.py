@@ -172,6 +172,12 @@ MUTATIONS = [
              '!= self.cfg.non_persistent_ckpt_type:\n', '== "never":\n',
              [f"{U}test_tiers.py::"
               "test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_memory"]),
+    Mutation("warm-restart-not-forked", "raytitan/restart.py",
+             "for gen in range(warm_restarts + 1):", "for gen in range(1):",
+             [f"{D}test_recovery.py::test_warm_restart_resumes_in_the_same_torchrun_attempt"]),
+    Mutation("warm-restart-peer-left-running", "raytitan/restart.py",
+             "            _kill_group(pid)  # its state", "            pass  # its state",
+             [f"{D}test_recovery.py::test_warm_restart_resumes_in_the_same_torchrun_attempt"]),
     Mutation("sigterm-ignored", "raytitan/train.py", '        got[0] = 1\n', '',
              [f"{D}test_recovery.py::test_sigterm_saves_a_step_and_the_resumed_run_repeats_none"]),
     Mutation("restart-store-not-prefixed", "raytitan/train.py",

@@ -182,3 +182,21 @@ def test_resume_refuses_a_damaged_metrics_line_in_the_middle(tmp_path):
     with pytest.raises(ValueError, match=rf"{path} line 2 .*fix or delete"):
         MetricsLogger(Metrics(), str(tmp_path), "run", enabled=True, resume_step=3)
     assert path.read_text().count("\n") == 3  # left as it was
+
+
+# -- warm restarts where they cannot work ---------------------------------------------------
+
+
+def test_warm_restarts_are_refused_without_torchrun_and_under_ray(monkeypatch, capsys):
+    from raytitan import launcher, train
+    from raytitan.config import ConfigError, load_job_config
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--training.warm_restarts", "1"])
+    assert "training.warm_restarts = 1 needs torchrun" in str(e.value.code)
+    with pytest.raises(ConfigError, match=r"warm_restarts = 2 works under torchrun only.*"
+                                          r"ray.max_failures"):
+        launcher.launch(load_job_config(None, ["--training.warm_restarts", "2"]))
+    with pytest.raises(ConfigError, match=r"training.warm_restarts = -1 must be >= 0"):
+        load_job_config(None, ["--training.warm_restarts", "-1"])
