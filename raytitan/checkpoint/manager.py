@@ -163,11 +163,11 @@ class CheckpointManager:
             if pinned and not gpu:
                 logger.info("checkpoint: no GPU, so async_with_pinned_mem stages into reused "
                             "shared (not pinned) CPU memory")
-            # async: a copy in the training thread; async_with_pinned_mem: in a background
-            # thread (overlapping forward/backward) into memory the persist process shares.
+            # Both copy in a background thread (overlapping the next forward/backward);
+            # async_with_pinned_mem into memory its persist process shares.
             self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=gpu, use_shared_memory=pinned, use_async_staging=pinned,
-                use_non_blocking_copy=gpu and pinned))
+                use_pinned_memory=gpu, use_shared_memory=pinned, use_async_staging=True,
+                use_non_blocking_copy=gpu))
         self.last_stall_sec = 0.0
         self.last_save_sec = 0.0
         self.last_save_time = time.monotonic()
@@ -266,22 +266,18 @@ class CheckpointManager:
                     f"it; export it with `raytitan convert to-hf "
                     f"{self.storage.step_url(step)} OUT`") from export_error
             return
-        if self.cfg.async_mode == "async":
-            # Copies the state in this thread, then writes the copy in a thread.
-            future = dcp.async_save(state, storage_writer=writer, planner=planner,
-                                    process_group=self.pg, async_stager=self._stager,
-                                    async_checkpointer_type=AsyncCheckpointerType.THREAD)
-            staging = None
-        else:
-            # Stages into reused buffers in a thread; a separate process writes.
-            if torch.cuda.is_available():
-                # NOTE: the copy runs on its own CUDA stream, which does not wait for the
-                # queued optimizer step: without this it can read half-updated weights.
-                torch.cuda.current_stream().synchronize()
-            response = dcp.async_save(state, storage_writer=writer, planner=planner,
-                                      process_group=self.pg, async_stager=self._stager,
-                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS)
-            future, staging = response.upload_completion, response.staging_completion
+        # Stages into reused buffers in a thread; a thread (async) or a separate process
+        # (async_with_pinned_mem) writes the copy.
+        if torch.cuda.is_available():
+            # NOTE: the copy runs on its own CUDA stream, which does not wait for the
+            # queued optimizer step: without this it can read half-updated weights.
+            torch.cuda.current_stream().synchronize()
+        response = dcp.async_save(
+            state, storage_writer=writer, planner=planner, process_group=self.pg,
+            async_stager=self._stager,
+            async_checkpointer_type=AsyncCheckpointerType.THREAD
+            if self.cfg.async_mode == "async" else AsyncCheckpointerType.PROCESS)
+        future, staging = response.upload_completion, response.staging_completion
         stall = time.perf_counter() - start
         self._pending = _PendingSave(step, future, staging, model_only, dtype, start, stall)
 

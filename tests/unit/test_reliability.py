@@ -246,8 +246,9 @@ def test_commit_checks_every_listed_file_exists(tmp_path, monkeypatch):
 # -- the staging wait ----------------------------------------------------------------------
 
 
-def test_the_optimizer_waits_for_the_background_copy(tmp_path, monkeypatch):
-    """async_with_pinned_mem copies the state in a background thread while training goes on;
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_the_optimizer_waits_for_the_background_copy(tmp_path, monkeypatch, mode):
+    """Both async modes copy the state in a background thread while training goes on;
     slowed down here, the copy must still see the weights of the step being saved, not the
     ones the next optimizer step writes (Trainer.train_step calls wait_for_staging)."""
     import time
@@ -261,7 +262,7 @@ def test_the_optimizer_waits_for_the_background_copy(tmp_path, monkeypatch):
         return copy(self, state_dict, **kwargs)
 
     monkeypatch.setattr(DefaultStager, "_stage", slow_copy)
-    run = Run(tmp_path, async_mode="async_with_pinned_mem")
+    run = Run(tmp_path, async_mode=mode)
     for _ in range(3):
         run.step()
     saved = run.weights()
