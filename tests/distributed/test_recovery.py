@@ -115,13 +115,16 @@ def test_lost_node_resumes_from_peer_replicas(base, tiny_dataset, tmp_path_facto
             "COMPLETE.json", "rank-0.raw", "rank-1.raw"]
 
 
+@pytest.mark.parametrize("warm_restarts", ["0", "1"])
 def test_sigterm_saves_a_step_and_the_resumed_run_repeats_none(base, reference_dp2,
-                                                               tmp_path):
+                                                               tmp_path, warm_restarts):
     """SIGTERM to the torchrun agent between saves: every rank finishes its step, the step
     is committed to persistent storage (one node: the fast tier would die with it), the
-    ranks exit; the resumed run starts at the next step and ends bitwise equal."""
+    ranks exit; the resumed run starts at the next step and ends bitwise equal. With warm
+    restarts the keepers pass the signal on to their trainers once, and restart nothing."""
     run = {**base, "training.steps": "10", "checkpoint.non_persistent_local_ckpt_dir":
-           fast_dir(tmp_path), "job.dump_folder": str(tmp_path)}
+           fast_dir(tmp_path), "job.dump_folder": str(tmp_path),
+           "training.warm_restarts": warm_restarts}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "raytitan.train",
            *overrides_to_argv(run)]
@@ -145,6 +148,7 @@ def test_sigterm_saves_a_step_and_the_resumed_run_repeats_none(base, reference_d
     assert 4 <= step < 10 and saved.group(2).endswith(f"step-{step}")
     assert (tmp_path / RUN_DIR / f"step-{step}" / "COMMIT.json").exists()
     assert len(read_losses(tmp_path)) == step  # nothing trained past the save
+    assert "warm restart" not in log
 
     losses = run_torchrun(2, run, tmp_path)
     resumed = last_run_log(tmp_path)
