@@ -39,11 +39,14 @@ def generation() -> int:
     return int(os.environ.get(GENERATION_ENV, "0"))
 
 
+def _attempt() -> str:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
 def store_prefix() -> str:
     """The trainer's key prefix in torchrun's store: one per torchrun attempt and
     generation (the store outlives both; reused keys would name a dead rank's address)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"attempt-{attempt}" + (f"-gen-{generation()}" if generation() else "")
+    return f"attempt-{_attempt()}" + (f"-gen-{generation()}" if generation() else "")
 
 
 def _exit_code(run: Callable[[], None]) -> int:
@@ -69,7 +72,7 @@ def keep(run: Callable[[], None], warm_restarts: int, on_done: list[Callable[[],
     rank = int(os.environ["RANK"])
     init_logging(rank)
     store = dist.PrefixStore(
-        f"raytitan-warm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+        f"raytitan-warm/attempt-{_attempt()}",
         dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                       is_master=False))
     signalled: list[int] = []

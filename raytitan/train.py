@@ -613,6 +613,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(cfg: JobConfig, on_done: list[Callable[[], None]]) -> None:
+    """One trainer, from building to the final barrier; `on_done` runs right after it."""
     try:
         trainer = Trainer(cfg, preemption=_sigterm_flag())
         if cfg.checkpoint.create_seed_checkpoint:
