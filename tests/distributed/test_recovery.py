@@ -115,7 +115,7 @@ def test_lost_node_resumes_from_peer_replicas(base, tiny_dataset, tmp_path_facto
             "COMPLETE.json", "rank-0.raw", "rank-1.raw"]
 
 
-@pytest.mark.parametrize("warm_restarts", ["0", "1"])
+@pytest.mark.parametrize("warm_restarts", ["0", pytest.param("1", marks=pytest.mark.slow)])
 def test_sigterm_saves_a_step_and_the_resumed_run_repeats_none(base, reference_dp2,
                                                                tmp_path, warm_restarts):
     """SIGTERM to the torchrun agent between saves: every rank finishes its step, the step
