@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -163,9 +162,11 @@ def main() -> None:
                      f"{r['kill_to_step_s']:.1f} | {r['kill_to_again_s']:.1f} | "
                      f"{r['steps_redone']} | {r['resumed_from']} |")
     persistent = by["persistent"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.machine())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from train_overhead import cpu_name, write_section
+
+    cpu = cpu_name()
 
     machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; persistent "
                f"folder on local disk ({a.dir}), fast tier in /dev/shm")
@@ -177,9 +178,6 @@ def main() -> None:
     lines = [f"- {k}: **{'met' if ok else 'NOT met'}**" for k, ok in goals.items()]
     print(f"Machine: {machine}\n{setup}\n\n" + "\n".join(table + [""] + lines))
     if a.write_docs:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from train_overhead import write_section
-
         write_section("\n".join([
             "## Recovery from a lost worker or node (`benchmarks/recovery.py`)", "",
             f"Machine: {machine}. {setup} Kill to next step = from the SIGKILL until the "

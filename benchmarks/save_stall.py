@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -103,18 +102,17 @@ def main() -> None:
                      f"**{'met' if r['stall_pct'] <= 1 else 'NOT met'}**")
         goals.append(f"- {r['mode']}: overlapped steps <= 5% slower: {r['busy_pct']:+.1f}% — "
                      f"**{'met' if r['busy_pct'] <= 5 else 'NOT met'}**")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.machine())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from train_overhead import cpu_name, write_section
+
+    cpu = cpu_name()
 
     machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; the debug job "
                f"(jobs/debug.toml) on 2 gloo ranks under torchrun, {a.steps} steps, a "
                f"persistent async save every {a.interval} steps to local disk")
     print(f"Machine: {machine}\n\n" + "\n".join(table + [""] + goals))
     if a.write_docs:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from train_overhead import write_section
-
         write_section("\n".join([
             "## Save stall in the debug job (`benchmarks/save_stall.py`)", "",
             f"Machine: {machine}. Step = median step time of the steps that neither follow "

@@ -137,6 +137,13 @@ def main() -> None:
         write_section(section, "train_overhead")
 
 
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo), else the architecture."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")), platform.machine())
+
+
 def write_section(section: str, key: str) -> None:
     """Replace (or append) the section between the key's markers in docs/benchmarks.md."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
