@@ -81,9 +81,10 @@ class FolderLease:
         self._acquired = ""
 
     def read(self) -> dict | None:
+        # One GET (cat_file), not open() + read(): s3fs's open() pins the ETag it saw and its
+        # read fails with FileExpired when the heartbeat rewrote the lease in between.
         try:
-            with self.storage.fs.open(self.path, "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self.storage.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
         except ValueError:

@@ -221,3 +221,33 @@ def test_s3_outage_during_saves_is_retried(s3, tiny_dataset, tmp_path):
     for step in range(2, 17, 2):
         ok, message = inspect.verify(f"{folder}/raytitan/step-{step}", [])
         assert ok, message
+
+
+def test_the_lease_reads_while_its_heartbeat_rewrites_it(s3):
+    """The lease on S3 is read (check() before every commit, on every rank) while the
+    heartbeat thread rewrites it: every read sees a whole lease, never an error (s3fs's
+    open() + read() fails with FileExpired when the object changed in between)."""
+    import threading
+
+    from raytitan.checkpoint.lease import FolderLease
+    from raytitan.checkpoint.storage import CheckpointStorage
+
+    storage = CheckpointStorage(f"{s3}/lease-race/raytitan")
+    lease = FolderLease(storage, job="race", timeout=60)
+    lease.acquire()
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            lease._write()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for _ in range(150):
+            assert lease.read()["holder"] == lease.holder
+            lease.check()
+    finally:
+        stop.set()
+        writer.join()
+        lease.release()
