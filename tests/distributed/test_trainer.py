@@ -38,6 +38,7 @@ def test_metrics_jsonl_and_tensorboard(reference):
     assert list((dump / "tb" / "raytitan").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # 38 s; CI: every bitwise resume test compares with an uninterrupted run
 def test_two_runs_are_bitwise_identical(reference, base, tmp_path):
     """Losses, and the RNG state each rank saves (the process RNGs are seeded too)."""
     saved = {**base, "checkpoint.enable": "true"}

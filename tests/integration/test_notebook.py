@@ -13,6 +13,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
+@pytest.mark.slow  # 100 s; CI: its calls (launch, resume, inspect, convert, HF load) have tests
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     work = tmp_path / "work"
     monkeypatch.setenv("RAYTITAN_QUICKSTART_DIR", str(work))
