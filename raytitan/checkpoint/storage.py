@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from raytitan.checkpoint.crc import crc32, crc32_combine
+from raytitan.checkpoint.objectstore import ParallelUpload, is_s3, read_range
 from raytitan.checkpoint.retry import with_retries
 
 COMMIT_FILE = "COMMIT.json"
@@ -518,9 +519,19 @@ class _CountingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as stream:
-            counted = _CountingStream(stream, self.with_crc)
-            yield counted
+        if is_s3(self.fs):  # parts go up in parallel while DCP writes the next ones
+            upload = ParallelUpload(self.fs, os.fspath(path))
+            counted = _CountingStream(upload, self.with_crc)
+            try:
+                yield counted
+            except BaseException:
+                upload.abort()
+                raise
+            upload.close()
+        else:
+            with super().create_stream(path, mode) as stream:
+                counted = _CountingStream(stream, self.with_crc)
+                yield counted
         counted.end_item(counted.size)  # the file was written from offset 0
         self.written[os.path.basename(os.fspath(path))] = [
             counted.size, counted.crc if self.with_crc else None, counted.items]
@@ -612,10 +623,16 @@ class StepReader(FsspecReader):
         with self._count_lock:
             self.read_bytes += sinfo.length
         expected = self.items.get(sinfo.relative_path, {}).get(str(sinfo.offset))
-        if expected is None or expected[0] != sinfo.length:
+        remote = is_s3(self.fs.fs)
+        if (expected is None or expected[0] != sinfo.length) and not remote:
             return super()._slice_file(file, sinfo)
-        file.seek(sinfo.offset)
-        data = file.read(sinfo.length)
+        if remote:  # concurrent ranged GETs, not one stream
+            data = read_range(self.fs.fs, file.path, sinfo.offset, sinfo.length)
+        else:
+            file.seek(sinfo.offset)
+            data = file.read(sinfo.length)
+        if expected is None or expected[0] != sinfo.length:
+            return io.BytesIO(data)
         if len(data) != sinfo.length or zlib.crc32(data) != expected[1]:
             key = next((index.fqn for index, info in self.storage_data.items()
                         if info is sinfo), "?")
