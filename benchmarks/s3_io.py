@@ -16,15 +16,13 @@ limit, on an S3-compatible server started here (moto_server on 127.0.0.1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,27 +31,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_overhead import cpu_name, write_section  # noqa: E402
 
+from tests.conftest import start_moto  # noqa: E402
+
 BUCKET = "bench"
 CHUNK = 8 << 20  # what the writer hands over per write() call
 RANGE = 16 << 20
-
-
-def start_moto(log_dir: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(os.path.join(log_dir, "moto.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("moto_server did not start")
 
 
 def timed(fn) -> float:
@@ -62,7 +44,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def methods(fs, data: bytes, tmp: str):
+def methods(fs, data: bytes):
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
@@ -113,7 +95,6 @@ def methods(fs, data: bytes, tmp: str):
     url = f"s3://{BUCKET}/dcp"
 
     def items():
-        import json
         checksums = json.loads(fs.cat_file(f"{BUCKET}/dcp/checksums.json"))
         return {name: entry[2] for name, entry in checksums.items()}
 
@@ -142,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     size = args.size_mb << 20
     with tempfile.TemporaryDirectory() as tmp:
-        proc, endpoint = start_moto(tmp)
+        proc, endpoint = start_moto(os.path.join(tmp, "moto.log"))
         try:
             os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                                "AWS_DEFAULT_REGION": "us-east-1",
@@ -151,7 +132,7 @@ def main() -> None:
             fs = fsspec.filesystem("s3")
             fs.mkdir(BUCKET)
             data = os.urandom(size)
-            table = methods(fs, data, tmp)
+            table = methods(fs, data)
             times: dict[str, list[float]] = {name: [] for name, _, _ in table}
             for _ in range(args.repeats):
                 for name, fn, _ in table:

@@ -146,24 +146,28 @@ def _aborted_after_finishing(stdout: str, stderr: str) -> bool:
             and "ChildFailedError" in stderr)
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """Start moto_server on loopback, point the standard AWS env at it, make a bucket."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+def start_moto(log_path) -> tuple[subprocess.Popen, str]:
+    """moto_server on 127.0.0.1 (a free port), logging to `log_path`: (process, endpoint)."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                              "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
             urllib.request.urlopen(endpoint, timeout=1)
-            break
+            return proc, endpoint
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto_server did not start")
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """Start moto_server on loopback, point the standard AWS env at it, make a bucket."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}

@@ -18,11 +18,6 @@ PART_BYTES = 16 << 20  # S3's minimum part is 5 MiB; its maximum count 10,000
 _PARTS_PER_SIZE = 1000  # the part size doubles every 1,000 parts: no file hits the limit
 
 
-def is_s3(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "s3" in protocols and hasattr(fs, "call_s3")
-
-
 class ParallelUpload:
     """A write-only stream to one S3 object, uploaded in parallel parts.
 
@@ -110,7 +105,7 @@ class ParallelUpload:
         self.closed = True
         try:
             if self._upload_id is None:
-                self._call("put_object", Body=bytes(self._buffer))
+                self._call("put_object", Body=self._buffer)
             else:
                 if self._buffer:
                     self._submit()

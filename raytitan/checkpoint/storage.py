@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from raytitan.checkpoint.crc import crc32, crc32_combine
-from raytitan.checkpoint.objectstore import ParallelUpload, is_s3, read_range
+from raytitan.checkpoint.objectstore import ParallelUpload, read_range
 from raytitan.checkpoint.retry import with_retries
 
 COMMIT_FILE = "COMMIT.json"
@@ -132,9 +132,16 @@ def latest_full(steps: list[StepInfo], lineage: str | None = None) -> StepInfo |
     return full[-1] if full else None
 
 
+def _protocols(fs) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
 def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    return "file" in _protocols(fs) or "local" in _protocols(fs)
+
+
+def is_s3(fs) -> bool:
+    return "s3" in _protocols(fs) and hasattr(fs, "call_s3")
 
 
 class CheckpointStorage:
@@ -593,6 +600,7 @@ class StepReader(FsspecReader):
         self.url = url
         self.items = items
         self.threads = threads
+        self.remote = is_s3(self.fs.fs)  # items come in one ranged GET each
         self.checked_items = 0
         self.checked_bytes = 0
         self.read_bytes = 0
@@ -623,15 +631,15 @@ class StepReader(FsspecReader):
         with self._count_lock:
             self.read_bytes += sinfo.length
         expected = self.items.get(sinfo.relative_path, {}).get(str(sinfo.offset))
-        remote = is_s3(self.fs.fs)
-        if (expected is None or expected[0] != sinfo.length) and not remote:
+        checked = expected is not None and expected[0] == sinfo.length
+        if not checked and not self.remote:
             return super()._slice_file(file, sinfo)
-        if remote:  # concurrent ranged GETs, not one stream
+        if self.remote:
             data = read_range(self.fs.fs, file.path, sinfo.offset, sinfo.length)
         else:
             file.seek(sinfo.offset)
             data = file.read(sinfo.length)
-        if expected is None or expected[0] != sinfo.length:
+        if not checked:
             return io.BytesIO(data)
         if len(data) != sinfo.length or zlib.crc32(data) != expected[1]:
             key = next((index.fqn for index, info in self.storage_data.items()
