@@ -124,8 +124,8 @@ MUTATIONS = [
              [f"{U}test_reliability.py::"
               "test_a_second_live_writer_is_refused_and_a_stale_lease_taken_over"]),
     Mutation("item-crc-not-checked", "raytitan/checkpoint/storage.py",
-             '        if expected is None or expected[0] != sinfo.length:',
-             '        if True:',
+             '        checked = expected is not None and expected[0] == sinfo.length',
+             '        checked = False',
              [f"{U}test_reliability.py::test_a_flipped_byte_fails_the_load_naming_file_and_key"]),
     Mutation("nan-weights-saved", "raytitan/checkpoint/manager.py",
              '        if int(flags[0]):\n            raise CheckpointError(\n'
