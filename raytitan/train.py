@@ -281,9 +281,22 @@ class Trainer:
             if self.loaded is not None:
                 self._report_loaded(self.loaded)
             self.stream.start()
+        self._init_weights(self.loaded)
         self.metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, cfg.job.name,
                                      enabled=self.rank == 0, resume_step=self.step)
         self.peak_flops = peak_flops(cfg.metrics, self.device)
+
+    def _init_weights(self, loaded) -> None:
+        """Initialize the weights that `loaded` did not fill: all of them on a fresh start,
+        none after a full resume (a restart then spends no time on random init), the
+        checkpoint's absent keys after a partial load (dist_ckpt_strictness)."""
+        names = None
+        if loaded is not None and "model" in loaded.keys:
+            names = {key.partition(".")[2] for key in loaded.unexpected
+                     if key.startswith("model.")}
+        for part in self.model_parts:
+            part.init_weights(self.cfg.training.seed, fill=fill_param,
+                              buffer_device=self.device, params=names)
 
     # -- checkpoint hooks ---------------------------------------------------------------
 
@@ -325,7 +338,8 @@ class Trainer:
         logger.info("seed checkpoint written to %s", self.storage.step_url(0))
 
     def _build_model(self) -> None:
-        """Meta-device model -> pipeline stages -> parallelize -> allocate -> init."""
+        """Meta-device model -> pipeline stages -> parallelize -> allocate (the weights are
+        initialized or loaded later: `_init_weights`)."""
         cfg, dims = self.cfg, self.plan.parallel_dims
         with torch.device("meta"):
             model = Llama3(self.plan.model_args)
@@ -339,8 +353,7 @@ class Trainer:
             parallelize_llama3(part, dims, training=cfg.training,
                                activation_checkpoint=cfg.activation_checkpoint,
                                compile_cfg=cfg.compile)
-            part.to_empty(device=self.device)
-            part.init_weights(cfg.training.seed, fill=fill_param, buffer_device=self.device)
+            part.to_empty(device=self.device)  # initialized after the load: _init_weights
             part.train()
             self.model_parts.append(part)
         self.pp_schedule = None

@@ -433,14 +433,20 @@ def _broadcast_replicas(request: dict[str, Any], saved: dict[str, Any]) -> None:
     walk(request, saved)
 
 
-def _fill(target: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Copy saved values into `target`: tensors in place, other values replaced."""
+def _fill(target: dict[str, Any], saved: dict[str, Any], where: str = "") -> None:
+    """Copy saved values into `target`: tensors in place, other values replaced. Every
+    tensor of `target` must be in `saved` (the weights are not initialized before a load)."""
+    absent = [key for key, value in target.items()
+              if key not in saved and isinstance(value, (torch.Tensor, dict))]
+    if absent:
+        raise CheckpointError(f"the fast-tier state lacks {where}{absent[:3]}, which this "
+                              "run holds (a damaged or foreign file)")
     for key, value in saved.items():
         if key not in target:
             raise CheckpointError(f"fast-tier state has {key!r}, which this run lacks")
         current = target[key]
         if isinstance(value, dict) and isinstance(current, dict):
-            _fill(current, value)
+            _fill(current, value, f"{where}{key}.")
         elif isinstance(value, str) and value == _SKIPPED:
             continue  # a replicated shard, sent by its main replica
         elif isinstance(current, torch.Tensor):

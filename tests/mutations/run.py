@@ -223,6 +223,18 @@ MUTATIONS = [
     Mutation("one-plan-cache-for-every-kind", "raytitan/checkpoint/planning.py",
              'f"raytitan:{cache_kind}"', '"raytitan:full-float32"',
              [f"{U}test_checkpoint.py::test_cached_save_plans_write_identical_files_and_replan_on_a_new_structure"]),
+    Mutation("resume-reinitializes-weights", "raytitan/train.py",
+             'if loaded is not None and "model" in loaded.keys:', "if False:",
+             [f"{U}test_resume_init.py::test_a_resume_initializes_no_weight_and_loads_them_all"]),
+    Mutation("partial-load-initializes-nothing", "raytitan/train.py",
+             'if key.startswith("model.")}', "if False}",
+             [f"{U}test_resume_init.py::test_only_what_the_load_left_out_is_initialized"]),
+    Mutation("adam-state-by-dummy-step", "raytitan/checkpoint/state.py",
+             "            init_adam_state(optimizer)\n", "            pass\n",
+             [f"{U}test_resume_init.py::test_a_resume_initializes_no_weight_and_loads_them_all"]),
+    Mutation("fast-fill-not-strict", "raytitan/checkpoint/fast.py",
+             "    if absent:\n", "    if False:\n",
+             [f"{U}test_resume_init.py::test_a_fast_tier_file_lacking_a_tensor_fails_the_load"]),
 ]
 
 

@@ -1,7 +1,7 @@
 """Llama-3 in plain PyTorch: RMSNorm, RoPE with Llama-3.1 frequency scaling, GQA, SwiGLU.
 
 No torch.distributed here. Build it on the meta device, parallelize it, materialize it with
-`to_empty`, then call `init_weights`.
+`to_empty`, then call `init_weights` (or load a checkpoint into it).
 
 Shape legend: B batch, L sequence, D model dim, H query heads, K kv heads, E head dim,
 V vocabulary, F feed-forward hidden dim.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import torch
@@ -224,16 +224,21 @@ class Llama3(nn.Module):
         *,
         fill: FillFn = _copy_full,
         buffer_device: torch.device | str | None = None,
+        params: Container[str] | None = None,
     ) -> None:
         """Initialize every parameter from a generator seeded by (seed, parameter name).
 
         Each value depends only on the seed and the parameter's name, never on how the
         model is split, so every parallelism starts from identical weights. `fill` copies a
-        full-shape tensor into a (possibly sharded) parameter.
+        full-shape tensor into a (possibly sharded) parameter. `params`: the (canonical)
+        names to initialize, default all; the others are left as they are, for a checkpoint
+        load to fill (the buffers are always computed).
         """
         self.rope = precompute_rope(self.args, device=buffer_device)
         for wrapped_name, param in self.named_parameters():
             name = canonical_name(wrapped_name)
+            if params is not None and name not in params:
+                continue
             gen_device = param.device if param.device.type != "meta" else "cpu"
             gen = torch.Generator(device=gen_device)
             gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
