@@ -150,6 +150,13 @@ def main() -> None:
             <= cold / 3),
         "fast tier <= 1/3 of persistent, both warm restarts": (
             best <= by["persistent (warm)"]["kill_to_step_s"] / 3),
+        "back at the killed step (kill to killed step again): fast tier <= 1/3 of "
+        "persistent, both cold restarts": (
+            max(by[n]["kill_to_again_s"] for n in ("local", "in_memory", "replica"))
+            <= by["persistent"]["kill_to_again_s"] / 3),
+        "back at the killed step: fast tier <= 1/3 of persistent, both warm restarts": (
+            max(by["in_memory (warm)"]["kill_to_again_s"], by["replica (warm)"]["kill_to_again_s"])
+            <= by["persistent (warm)"]["kill_to_again_s"] / 3),
         f"steps redone <= non_persistent_save_interval ({a.fast_interval})": (
             max(r["steps_redone"] for r in fast_rows) <= a.fast_interval),
     }

@@ -134,6 +134,7 @@ class FastTier:
         self.dedup = cfg.non_persistent_local_ckpt_algo == "fully_parallel"
         self.raw = cfg.non_persistent_ckpt_type == "in_memory"
         self._executor = ThreadPoolExecutor(1, "raytitan-fast-tier") if background else None
+        self._staging: Future | None = None  # the copy of the in-flight save
         self._pending: tuple[int, Future] | None = None
         self.last_complete: int | None = None
         self.last_stall_sec = 0.0
@@ -148,38 +149,43 @@ class FastTier:
     # -- saving -------------------------------------------------------------------------
 
     def save(self, step: int) -> None:
-        """Copy this rank's state (the training stall), then write and replicate it, in the
-        background if configured. in_memory copies straight into its shared-memory file,
-        so only replication and the commit are left for later. A failed fast-tier save is
-        logged, never fatal."""
+        """Copy this rank's state, then write and replicate it. With a background thread
+        (async_mode other than disabled) the copy runs there too, overlapping the next
+        forward/backward, and `wait_for_staging` holds the optimizer step until it is done;
+        the stall is this call plus that wait. in_memory copies straight into its
+        shared-memory file, so only replication and the commit follow. A failed fast-tier
+        save is logged, never fatal."""
         self.wait()
         start = time.perf_counter()
-        snapshot, error = None, ""
-        if self.raw:
-            try:
-                self._prepare(step)
-                _write_raw(self._path(step, self.rank), self._local(self._state(), clone=False))
-            except Exception as e:
-                error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        else:
-            snapshot = self._local(self._state(), clone=True)
-        self.last_stall_sec = time.perf_counter() - start
+        state = self._local(self._state())  # tensors as they are: `_stage` copies them
         self.last_save_time = time.monotonic()
         if self._executor is None:
-            self._finish(step, self._write(step, snapshot, start, error))
+            self._finish(step, self._write(step, self._stage(step, state), start))
             self.last_stall_sec = time.perf_counter() - start
-        else:
-            self._pending = (step, self._executor.submit(self._write, step, snapshot, start,
-                                                         error))
+            return
+        self._staging = self._executor.submit(self._stage, step, state)
+        self._pending = (step, self._executor.submit(self._write, step, self._staging, start))
+        self.last_stall_sec = time.perf_counter() - start
+
+    def wait_for_staging(self) -> None:
+        """Block until the in-flight save has copied the state; call before the optimizer
+        changes it."""
+        if self._staging is not None:
+            start = time.perf_counter()
+            self._staging.result()  # _stage reports its errors instead of raising
+            self._staging = None
+            self.last_stall_sec += time.perf_counter() - start
 
     def poll(self) -> None:
         """Note a background save that has finished (no collective)."""
-        if self._pending is not None and self._pending[1].done():
+        if (self._pending is not None and self._staging is None
+                and self._pending[1].done()):
             step, future = self._pending
             self._pending = None
             self._finish(step, future.result())
 
     def wait(self) -> None:
+        self.wait_for_staging()
         if self._pending is not None:
             step, future = self._pending
             self._pending = None
@@ -211,25 +217,39 @@ class FastTier:
         state["rng"] = {f"rank{self.rank}": rng_state()}
         return state
 
-    def _local(self, value: Any, clone: bool) -> Any:
+    def _local(self, value: Any) -> Any:
         """This rank's state as plain tensors (DTensors' local shards; replicated shards
-        skipped but on their main replica when deduplicating), cloned if `clone` (training
-        goes on changing them)."""
+        skipped but on their main replica when deduplicating), not copied; the other values
+        copied (cheap, and they change as training goes on)."""
         if isinstance(value, DTensor):
             if self.dedup and not _is_main_replica(value):
                 return _SKIPPED
             value = value.to_local()
         if isinstance(value, torch.Tensor):
-            return value.detach().clone() if clone else value.detach()
+            return value.detach()
         if isinstance(value, dict):
-            return {k: self._local(v, clone) for k, v in value.items()}
-        return copy.deepcopy(value) if clone else value
+            return {k: self._local(v) for k, v in value.items()}
+        return copy.deepcopy(value)
 
-    def _write(self, step: int, snapshot: dict[str, Any] | None, start: float, error: str
-               ) -> tuple[bool, str, float]:
+    def _stage(self, step: int, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """The copy of the live tensors, before the optimizer changes them: into the
+        in_memory file (then nothing is returned), else a clone to write. Returns
+        (snapshot, error)."""
+        try:
+            if self.raw:
+                self._prepare(step)
+                _write_raw(self._path(step, self.rank), state)
+                return None, ""
+            return _clone_tensors(state), ""
+        except Exception as e:
+            return None, f"rank {self.rank}: {type(e).__name__}: {e}"
+
+    def _write(self, step: int, staged: tuple[dict[str, Any] | None, str] | Future,
+               start: float) -> tuple[bool, str, float]:
         """Write this rank's file (unless in_memory wrote it already), exchange replicas,
         agree that every rank did (on every rank, whatever failed, so no rank is left in a
-        collective)."""
+        collective). `staged`: what `_stage` returned, or its future."""
+        snapshot, error = staged.result() if isinstance(staged, Future) else staged
         size = -1
         try:
             if not error:
@@ -239,7 +259,7 @@ class FastTier:
                 size = os.path.getsize(self._path(step, self.rank))
         except Exception as e:
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        del snapshot
+        del snapshot, staged
         if self.targets:
             sizes: list[int] = [0] * self.world_size
             dist.all_gather_object(sizes, -1 if error else size, group=self.pg)
@@ -454,6 +474,14 @@ def _fill(target: dict[str, Any], saved: dict[str, Any], where: str = "") -> Non
             local.copy_(value)
         else:
             target[key] = value
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    return value
 
 
 def _step_dirs(folder: str) -> list[str]:

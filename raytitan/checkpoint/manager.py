@@ -284,6 +284,8 @@ class CheckpointManager:
     def wait_for_staging(self) -> None:
         """Block until the in-flight save has copied the state; call before the optimizer
         changes it."""
+        if self.fast is not None:
+            self.fast.wait_for_staging()
         pending = self._pending
         if pending is not None and pending.staging is not None:
             start = time.perf_counter()

@@ -161,7 +161,8 @@ MUTATIONS = [
              'if marker["lineage"] != self.lineage:', 'if False:',
              [f"{U}test_tiers.py::test_fast_step_of_another_run_or_mesh_is_not_used"]),
     Mutation("in-memory-clones-first", "raytitan/checkpoint/fast.py",
-             "self._local(self._state(), clone=False)", "self._local(self._state(), clone=True)",
+             "_write_raw(self._path(step, self.rank), state)",
+             "_write_raw(self._path(step, self.rank), _clone_tensors(state))",
              [f"{U}test_tiers.py::"
               "test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_memory"]),
     Mutation("in-memory-tensors-misplaced", "raytitan/checkpoint/fast.py",
@@ -235,6 +236,9 @@ MUTATIONS = [
     Mutation("fast-fill-not-strict", "raytitan/checkpoint/fast.py",
              "    if absent:\n", "    if False:\n",
              [f"{U}test_resume_init.py::test_a_fast_tier_file_lacking_a_tensor_fails_the_load"]),
+    Mutation("fast-staging-not-waited", "raytitan/checkpoint/manager.py",
+             "            self.fast.wait_for_staging()\n", "            pass\n",
+             [f"{U}test_tiers.py::test_the_optimizer_waits_for_the_fast_tier_copy"]),
 ]
 
 

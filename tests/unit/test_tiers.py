@@ -57,8 +57,9 @@ def test_fast_tier_step_is_resumed_when_newest(tmp_path, kind, mode, caplog):
 def test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_memory(
         tmp_path, caplog):
     """in_memory writes no torch.save file: each tensor's bytes lie verbatim in a mapped
-    file, written while training waits (the stall), and nothing is cloned first; a run of
-    another fast-tier type does not read it."""
+    file, written before the next optimizer step (in the background thread, which that
+    step waits for), and nothing is cloned first; a run of another fast-tier type does not
+    read it."""
     run = fast_run(tmp_path, async_mode="async", non_persistent_ckpt_type="in_memory")
     run.step()
     clones = []
@@ -66,6 +67,7 @@ def test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_me
     torch.Tensor.clone = lambda self, *a, **k: clones.append(self.shape) or real_clone(self, *a, **k)
     try:
         run.ckpt.save_fast(1)
+        run.ckpt.wait_for_staging()  # the copy into the file is done
     finally:
         torch.Tensor.clone = real_clone
     weight = run.model[0].weight.detach().clone()
@@ -86,6 +88,36 @@ def test_in_memory_step_is_the_tensors_bytes_copied_once_and_taken_only_by_in_me
         f.write(b"PK\x03\x04" + bytes(60))
     with pytest.raises(CheckpointError, match="not an in_memory fast-tier file"):
         fast._read_raw(torch.from_file(str(tmp_path / "bad.raw"), size=64, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["local", "in_memory"])
+def test_the_optimizer_waits_for_the_fast_tier_copy(tmp_path, monkeypatch, kind):
+    """With a background thread the fast tier copies the state there, while the next
+    forward/backward run; slowed down here, the copy must still see the step being saved,
+    not what the next optimizer step writes (wait_for_staging before optimizer.step)."""
+    import time
+
+    stage = fast.FastTier._stage
+
+    def slow_stage(self, step, state):
+        time.sleep(1.0)
+        return stage(self, step, state)
+
+    monkeypatch.setattr(fast.FastTier, "_stage", slow_stage)
+    run = fast_run(tmp_path, async_mode="async", non_persistent_ckpt_type=kind)
+    for _ in range(2):
+        run.step()
+    saved, exp_avg = run.weights(), run.opt.state_dict()["state"][0]["exp_avg"].clone()
+    run.ckpt.save_fast(2)
+    assert run.ckpt.last_stall_sec < 0.5  # the copy is not in the training thread
+    run.step()  # forward/backward overlap the copy; the update waits for it
+    assert not same(run.weights(), saved)
+    assert run.ckpt.fast.last_stall_sec >= 0.5  # ... and that wait counts as stall
+    run.ckpt.close()
+    resumed = fast_run(tmp_path, async_mode="async", seed=5, non_persistent_ckpt_type=kind)
+    assert resumed.ckpt.load().step == 2
+    assert same(resumed.weights(), saved)
+    assert torch.equal(resumed.opt.state_dict()["state"][0]["exp_avg"], exp_avg)
 
 
 def test_persistent_step_wins_when_as_new(tmp_path, caplog):
