@@ -9,6 +9,9 @@ nodes, `torchrun --max-restarts 1`), each with persistent saves every --interval
   in_memory     the same, raw tensor bytes in a shared-memory file, mapped on recovery
   replica       in_memory with replication; the killed rank's node folder is deleted with
                 it, so its state comes from its replica on the other node
+  persistent on s3
+                as "persistent", the steps in s3:// on an S3-compatible server started
+                here (moto_server on 127.0.0.1), where production runs keep them
 
 Each runs with a cold restart (torchrun restarts the processes) and, marked "warm", with
 `training.warm_restarts = 1` (the ranks' keepers fork new trainers: no process start, no
@@ -59,6 +62,7 @@ def dataset(work: Path) -> str:
 
 def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bool,
         warm: bool) -> dict:
+    """One torchrun run with rank 1 killed as step --kill-at starts; its figures."""
     name += " (warm)" if warm else ""
     slug = name.replace(" ", "-").replace("(", "").replace(")", "")
     dump = work / slug
@@ -116,6 +120,33 @@ def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bo
                 "own node" if "every rank from its own node" in log else "persistent"}
 
 
+def persistent_on_s3(a, data: str, work: Path) -> list[dict]:
+    """The persistent-only run, cold and warm, with its steps in s3:// on moto_server."""
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import start_moto
+
+    proc, endpoint = start_moto(work / "moto.log")
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("raytitan-bench")
+        return [run("persistent on s3", a, data, work,
+                    {"checkpoint.folder": f"s3://raytitan-bench/{'warm' if warm else 'cold'}"},
+                    False, warm) for warm in (False, True)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=12)
@@ -135,6 +166,7 @@ def main() -> None:
              ("replica", replica, True)]
     rows = [run(name, a, data, work, over, lose, warm)
             for warm in (False, True) for name, over, lose in kinds if not warm or name != "local"]
+    rows += persistent_on_s3(a, data, work)
     by = {r["name"]: r for r in rows}
     cold = by["persistent"]["kill_to_step_s"]
     fast_rows = [r for r in rows if r["fast_stall_s"] is not None]
@@ -157,6 +189,15 @@ def main() -> None:
         "back at the killed step: fast tier <= 1/3 of persistent, both warm restarts": (
             max(by["in_memory (warm)"]["kill_to_again_s"], by["replica (warm)"]["kill_to_again_s"])
             <= by["persistent (warm)"]["kill_to_again_s"] / 3),
+        "fast tier <= 1/3 of persistent on s3, both cold restarts": (
+            max(by[n]["kill_to_step_s"] for n in ("local", "in_memory", "replica"))
+            <= by["persistent on s3"]["kill_to_step_s"] / 3),
+        "fast tier <= 1/3 of persistent on s3, both warm restarts": (
+            max(by["in_memory (warm)"]["kill_to_step_s"], by["replica (warm)"]["kill_to_step_s"])
+            <= by["persistent on s3 (warm)"]["kill_to_step_s"] / 3),
+        "back at the killed step: fast tier <= 1/3 of persistent on s3, both warm restarts": (
+            max(by["in_memory (warm)"]["kill_to_again_s"], by["replica (warm)"]["kill_to_again_s"])
+            <= by["persistent on s3 (warm)"]["kill_to_again_s"] / 3),
         f"steps redone <= non_persistent_save_interval ({a.fast_interval})": (
             max(r["steps_redone"] for r in fast_rows) <= a.fast_interval),
     }
@@ -176,7 +217,9 @@ def main() -> None:
     cpu = cpu_name()
 
     machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; persistent "
-               f"folder on local disk ({a.dir}), fast tier in /dev/shm")
+               f"folder on local disk ({a.dir}), or (\"on s3\") s3:// on moto_server on "
+               "127.0.0.1 (in memory, one Python process on the same 2 cores); fast tier in "
+               "/dev/shm")
     setup = (f"State {persistent['state_mb']:.0f} MB (debug Llama, vocab {a.vocab_size}, "
              f"weights + AdamW, fp32) over 2 ranks on 2 fake nodes; {a.steps} steps, "
              f"persistent every {a.interval} (async), fast tier every {a.fast_interval} "

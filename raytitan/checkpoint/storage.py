@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from raytitan.checkpoint.crc import crc32, crc32_combine
-from raytitan.checkpoint.objectstore import ParallelUpload, read_range
+from raytitan.checkpoint.objectstore import RANGES_IN_FLIGHT, ParallelUpload, RangeReader
 from raytitan.checkpoint.retry import with_retries
 
 COMMIT_FILE = "COMMIT.json"
@@ -592,6 +592,8 @@ class StepReader(FsspecReader):
         items: {file: {offset: [length, crc32]}}; items not in it are read unchecked.
         threads: read (and check) this rank's items in this many threads, each its own
             share of the bytes in file order, so reads, CRC32s and deserialization overlap.
+            On s3:// the items are taken in file order from a RangeReader instead, with
+            max(threads, RANGES_IN_FLIGHT) ranged GETs in flight.
     """
 
     def __init__(self, url: str, storage_options: dict, items: dict[str, dict],
@@ -600,16 +602,29 @@ class StepReader(FsspecReader):
         self.url = url
         self.items = items
         self.threads = threads
-        self.remote = is_s3(self.fs.fs)  # items come in one ranged GET each
+        self.remote = is_s3(self.fs.fs)  # items come from self._ranges
+        self._ranges: RangeReader | None = None
         self.checked_items = 0
         self.checked_bytes = 0
         self.read_bytes = 0
         self._count_lock = threading.Lock()
 
     def read_data(self, plan, planner):
+        info = lambda item: self.storage_data[item.storage_index]  # noqa: E731
+        if self.remote:
+            in_file_order = sorted(plan.items, key=lambda i: (info(i).relative_path,
+                                                              info(i).offset))
+            self._ranges = RangeReader(
+                self.fs.fs, [(self.fs.concat_path(self.path, info(i).relative_path),
+                              info(i).offset, info(i).length) for i in in_file_order],
+                in_flight=max(self.threads, RANGES_IN_FLIGHT))
+            try:
+                return super().read_data(replace(plan, items=in_file_order), planner)
+            finally:
+                self._ranges.close()
+                self._ranges = None
         if self.threads < 2 or len(plan.items) < 2:
             return super().read_data(plan, planner)
-        info = lambda item: self.storage_data[item.storage_index]  # noqa: E731
         shares: list[list] = [[] for _ in range(self.threads)]
         loads = [0] * self.threads
         for item in sorted(plan.items, key=lambda i: info(i).length, reverse=True):
@@ -635,7 +650,8 @@ class StepReader(FsspecReader):
         if not checked and not self.remote:
             return super()._slice_file(file, sinfo)
         if self.remote:
-            data = read_range(self.fs.fs, file.path, sinfo.offset, sinfo.length)
+            data = self._ranges.take(self.fs.concat_path(self.path, sinfo.relative_path),
+                                     sinfo.offset, sinfo.length)
         else:
             file.seek(sinfo.offset)
             data = file.read(sinfo.length)
