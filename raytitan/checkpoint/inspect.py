@@ -6,6 +6,7 @@ from __future__ import annotations
 import tomllib
 import warnings
 
+from raytitan.checkpoint.shards import step_reader
 from raytitan.checkpoint.storage import (
     COMMIT_FILE,
     FORMAT,
@@ -14,7 +15,6 @@ from raytitan.checkpoint.storage import (
     latest_full,
     parse_storage_options,
     split_step_dir,
-    step_reader,
 )
 
 

@@ -20,13 +20,13 @@ from raytitan.checkpoint.planning import (
     broadcast_replicas,
     split_replicas,
 )
+from raytitan.checkpoint.shards import step_reader
 from raytitan.checkpoint.state import StepContents, rng_state
 from raytitan.checkpoint.storage import (
     CHECKSUMS_FILE,
     CheckpointError,
     CheckpointStorage,
     describe_error,
-    step_reader,
 )
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
 

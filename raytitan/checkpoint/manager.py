@@ -42,13 +42,13 @@ from raytitan.checkpoint.formats import InitialLoad, StepExport
 from raytitan.checkpoint.loading import LoadResult, StepLoader
 from raytitan.checkpoint.planning import save_planner
 from raytitan.checkpoint.retry import with_retries
+from raytitan.checkpoint.shards import StepWriter
 from raytitan.checkpoint.state import Stateful, StepContents, rng_state, set_rng_state
 from raytitan.checkpoint.storage import (
     INTERRUPTED,
     CheckpointError,
     CheckpointStorage,
     StepInfo,
-    StepWriter,
     describe_error,
     disk_full_note,
     in_commit_order,

@@ -40,15 +40,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from raytitan.checkpoint.manager import TOKENIZER_FILES
+from raytitan.checkpoint.shards import StepWriter, step_reader
 from raytitan.checkpoint.storage import (
     CheckpointError,
     CheckpointStorage,
-    StepWriter,
     _is_local,
     crc32,
     file_crc,
     split_step_dir,
-    step_reader,
     write_bytes,
 )
 from raytitan.config.job_config import EXPORT_DTYPES

@@ -30,7 +30,7 @@ if os.environ.get("RAYTITAN_SLOW_STAGING_SEC") or os.environ.get("RAYTITAN_SLOW_
 
     from torch.distributed.checkpoint.staging import DefaultStager
 
-    from raytitan.checkpoint.storage import StepWriter
+    from raytitan.checkpoint.shards import StepWriter
 
     if delay := float(os.environ.get("RAYTITAN_SLOW_STAGING_SEC") or 0):
         import threading

@@ -268,7 +268,7 @@ def test_shard_files_go_up_as_parallel_parts_and_items_come_back_in_few_gets(s3,
     from torch.distributed.checkpoint.api import CheckpointException
 
     from raytitan.checkpoint import objectstore
-    from raytitan.checkpoint.storage import StepWriter, step_reader
+    from raytitan.checkpoint.shards import StepWriter, step_reader
 
     monkeypatch.setattr(objectstore, "PART_BYTES", 5 << 20)  # S3's smallest part
     monkeypatch.setattr(objectstore, "RANGE_BYTES", 1 << 20)

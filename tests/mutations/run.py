@@ -123,7 +123,7 @@ MUTATIONS = [
              '            if False:',
              [f"{U}test_reliability.py::"
               "test_a_second_live_writer_is_refused_and_a_stale_lease_taken_over"]),
-    Mutation("item-crc-not-checked", "raytitan/checkpoint/storage.py",
+    Mutation("item-crc-not-checked", "raytitan/checkpoint/shards.py",
              '        checked = expected is not None and expected[0] == sinfo.length',
              '        checked = False',
              [f"{U}test_reliability.py::test_a_flipped_byte_fails_the_load_naming_file_and_key"]),
@@ -196,10 +196,10 @@ MUTATIONS = [
     Mutation("s3-parts-in-turn", "raytitan/checkpoint/objectstore.py",
              'concurrency = concurrency or getattr(fs, "max_concurrency", 8)', "concurrency = 1",
              ["tests/integration/test_s3.py::test_shard_files_go_up_as_parallel_parts_and_items_come_back_in_few_gets"]),
-    Mutation("s3-upload-not-used", "raytitan/checkpoint/storage.py",
+    Mutation("s3-upload-not-used", "raytitan/checkpoint/shards.py",
              "if is_s3(self.fs):  # parts", "if False:  # parts",
              ["tests/integration/test_s3.py::test_shard_files_go_up_as_parallel_parts_and_items_come_back_in_few_gets"]),
-    Mutation("s3-items-read-ahead", "raytitan/checkpoint/storage.py",
+    Mutation("s3-items-read-ahead", "raytitan/checkpoint/shards.py",
              "data = self._ranges.take(self.fs.concat_path(self.path, sinfo.relative_path),\n"
              "                                     sinfo.offset, sinfo.length)",
              "file.seek(sinfo.offset); data = file.read(sinfo.length)",

@@ -16,7 +16,8 @@ from torch import nn
 
 from raytitan.checkpoint import CheckpointError, CheckpointManager, CheckpointStorage
 from raytitan.checkpoint.folder import open_folder
-from raytitan.checkpoint.storage import COMMIT_FILE, StepWriter
+from raytitan.checkpoint.shards import StepWriter
+from raytitan.checkpoint.storage import COMMIT_FILE
 from raytitan.config import ConfigError
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
 from tests.conftest import OPEN_MANAGERS

@@ -15,7 +15,8 @@ import torch
 from raytitan.checkpoint import CheckpointError
 from raytitan.checkpoint.folder import check_folder_hosts
 from raytitan.checkpoint.lease import LEASE_FILE, FolderLease
-from raytitan.checkpoint.storage import COMMIT_FILE, CheckpointStorage, StepWriter
+from raytitan.checkpoint.shards import StepWriter
+from raytitan.checkpoint.storage import COMMIT_FILE, CheckpointStorage
 from raytitan.config import ConfigError, JobConfig, to_dict
 from raytitan.resume import check_resume_config
 from tests.unit.test_checkpoint import Run, same
