@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
+import torch
+import torch.utils.serialization
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
@@ -106,6 +108,37 @@ class _CountingFileSystem(FileSystem):
             counted.size, counted.crc if self.with_crc else None, counted.items]
 
 
+_zip_crc32_lock = threading.Lock()
+_zip_crc32_off_count = 0
+_zip_crc32_before = True
+
+
+@contextmanager
+def _zip_crc32_off(off: bool) -> Iterator[None]:
+    """Turn off torch.save's CRC32 of each record of its zip while `off` (the writer records
+    its own CRC32 of every item, which the reader checks; torch.load never checks torch's).
+    It was a second pass over every byte: 0.19 -> 0.11 s per torch.save of 256 MB here.
+    torch reads the flag per torch.save, process-wide; overlapping writers keep it off
+    until the last one ends."""
+    global _zip_crc32_off_count, _zip_crc32_before
+    config = getattr(torch.utils.serialization, "config", None)  # torch >= 2.6
+    if not off or config is None:
+        yield
+        return
+    with _zip_crc32_lock:
+        if not _zip_crc32_off_count:
+            _zip_crc32_before = config.save.compute_crc32
+        _zip_crc32_off_count += 1
+        config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        with _zip_crc32_lock:
+            _zip_crc32_off_count -= 1
+            if not _zip_crc32_off_count:
+                config.save.compute_crc32 = _zip_crc32_before
+
+
 class StepWriter(FsspecWriter):
     """DCP's fsspec writer that also records each shard file's size and CRC32 as it is
     written (no second read) and has the coordinator store them in checksums.json."""
@@ -120,8 +153,11 @@ class StepWriter(FsspecWriter):
         self.fs = _CountingFileSystem(self.fs.fs, checksums)
 
     def write_data(self, plan, planner):
-        results = with_retries(lambda: super(StepWriter, self).write_data(plan, planner).wait(),
-                               f"writing shards to {self.path}", self.retry_sec)
+        def write():
+            with _zip_crc32_off(self.fs.with_crc):
+                return super(StepWriter, self).write_data(plan, planner).wait()
+
+        results = with_retries(write, f"writing shards to {self.path}", self.retry_sec)
         carrier = WriteResult(index=MetadataIndex(_CHECKSUM_FQN), size_in_bytes=0,
                               storage_data=dict(self.fs.written))
         fut: Future = Future()

@@ -209,6 +209,12 @@ MUTATIONS = [
              "            if (False and last is not None and last[0] == path",
              ["tests/integration/test_s3.py::"
               "test_shard_files_go_up_as_parallel_parts_and_items_come_back_in_few_gets"]),
+    Mutation("torch-zip-crc32-kept", "raytitan/checkpoint/shards.py",
+             "        config.save.compute_crc32 = False", "        pass",
+             [f"{U}test_checkpoint.py::test_torchs_zip_crc32_is_off_only_while_our_item_crc32s_are_recorded"]),
+    Mutation("torch-zip-crc32-off-without-ours", "raytitan/checkpoint/shards.py",
+             "with _zip_crc32_off(self.fs.with_crc):", "with _zip_crc32_off(True):",
+             [f"{U}test_checkpoint.py::test_torchs_zip_crc32_is_off_only_while_our_item_crc32s_are_recorded"]),
     Mutation("s3-upload-not-aborted", "raytitan/checkpoint/objectstore.py",
              'self._call("abort_multipart_upload", UploadId=self._upload_id)', "pass",
              ["tests/integration/test_s3.py::test_a_failed_upload_leaves_no_object_and_no_pending_parts"]),

@@ -125,6 +125,31 @@ def test_save_checksums_off_records_sizes_only(tmp_path):
     assert all(set(entry) == {"size"} for entry in commit["files"].values())
 
 
+@pytest.mark.parametrize("checksums", [True, False])
+def test_torchs_zip_crc32_is_off_only_while_our_item_crc32s_are_recorded(tmp_path, checksums):
+    """Every shard item is a torch.save zip. With save_checksums (the default) the writer
+    records each item's CRC32 itself, so torch's own CRC32 of each zip record (a second pass
+    over every byte that torch.load never checks) is off while the shards are written: the
+    records carry CRC 0. With save_checksums = false torch's CRC32s are kept (zipfile checks
+    them). Either way torch's setting is as before once the save is done."""
+    import io
+    import zipfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run = Run(tmp_path, save_checksums=checksums)
+    run.train_and_save(1)
+    assert torch.serialization.get_crc32_options()
+    step = tmp_path / "step-1"
+    data = (step / "__0_0.distcp").read_bytes()
+    crcs = []
+    for info in FileSystemReader(str(step)).read_metadata().storage_data.values():
+        item = zipfile.ZipFile(io.BytesIO(data[info.offset:info.offset + info.length]))
+        crcs += [r.CRC for r in item.infolist() if "/data/" in r.filename]
+        assert checksums or item.testzip() is None
+    assert len(crcs) >= 2 and all((crc == 0) == checksums for crc in crcs), crcs
+
+
 def test_crash_during_save_keeps_previous_step_latest(tmp_path, monkeypatch):
     run = Run(tmp_path)
     run.train_and_save(2)
