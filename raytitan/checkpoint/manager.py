@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +72,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass
 class _PendingSave:
     step: int
-    future: Future
-    staging: Future | None
     model_only: bool
     dtype: str
     started: float
     stall: float
+    begun: Future | None  # the background start: finite check, step dir, DCP's planning
+    future: Future | None = None  # DCP's write (set once `begun` is joined)
+    staging: Future | None = None  # DCP's copy of the state
 
 
 class CheckpointManager:
@@ -150,6 +151,7 @@ class CheckpointManager:
         self.folder = folder or open_folder(cfg, storage, job=self.run_info.get("job", "?"),
                                             group=self.ctrl)
         self._pending: _PendingSave | None = None
+        self._starter: ThreadPoolExecutor | None = None  # begins async saves (_begin_save)
         self.last_committed: int | None = self.folder.choice.step
         """This folder's newest step committed by, or resumed by, this run."""
         # Staging buffers are allocated at the first save and reused by every later one
@@ -232,11 +234,11 @@ class CheckpointManager:
         self.poll(wait=True)
         start = time.perf_counter()
         self.last_save_time = time.monotonic()
-        self._check_finite(step)
-        self._on_rank0(lambda: self._retrying(lambda: self._prepare_step_dir(step),
-                                              f"preparing {self.storage.step_url(step)}"))
         dtype = self.cfg.export_dtype if export else "float32"
+        # The state dicts are built here: during a forward FSDP2 swaps the modules'
+        # parameters for unsharded ones, so a background thread could not build them.
         state = self._state_for_save(model_only, dtype)
+        weights = self._local_weights()
         writer = StepWriter(self.storage.step_url(step),
                             storage_options=self.storage.options,
                             checksums=self.cfg.save_checksums,
@@ -247,6 +249,8 @@ class CheckpointManager:
             cache_kind=f"{'model' if model_only else 'full'}-{dtype}"
             if self.cfg.ckpt_assume_constant_structure else None)
         if final or self.cfg.async_mode == "disabled":
+            self._check_finite(step, weights)
+            self._on_rank0(lambda: self._prepare(step))
             try:
                 dcp.save(state, storage_writer=writer, planner=planner, process_group=self.pg)
             except (Exception, CheckpointException) as e:
@@ -266,20 +270,43 @@ class CheckpointManager:
                     f"it; export it with `raytitan convert to-hf "
                     f"{self.storage.step_url(step)} OUT`") from export_error
             return
-        # Stages into reused buffers in a thread; a thread (async) or a separate process
-        # (async_with_pinned_mem) writes the copy.
         if torch.cuda.is_available():
             # NOTE: the copy runs on its own CUDA stream, which does not wait for the
             # queued optimizer step: without this it can read half-updated weights.
             torch.cuda.current_stream().synchronize()
-        response = dcp.async_save(
+        if self._starter is None:
+            self._starter = ThreadPoolExecutor(1, thread_name_prefix="ckpt-begin")
+        begun = self._starter.submit(self._begin_save, step, state, weights, writer, planner)
+        self._pending = _PendingSave(step, model_only, dtype, start,
+                                     time.perf_counter() - start, begun)
+
+    def _begin_save(self, step: int, state: dict[str, Any], weights: list[torch.Tensor],
+                    writer: StepWriter, planner) -> Any:
+        """The start of an async save, in a background thread (overlapping the next forward
+        and backward, which leave the sharded weights alone): the finite check, the step
+        directory, DCP's planning; then DCP stages into reused buffers in a thread, and a
+        thread (async) or a separate process (async_with_pinned_mem) writes the copy.
+        NOTE: only `self.pg` here; the training thread keeps `self.ctrl`."""
+        self._check_finite(step, weights, group=self.pg)
+        on_rank0(lambda: self._prepare(step), self.pg)
+        return dcp.async_save(
             state, storage_writer=writer, planner=planner, process_group=self.pg,
             async_stager=self._stager,
             async_checkpointer_type=AsyncCheckpointerType.THREAD
             if self.cfg.async_mode == "async" else AsyncCheckpointerType.PROCESS)
-        future, staging = response.upload_completion, response.staging_completion
-        stall = time.perf_counter() - start
-        self._pending = _PendingSave(step, future, staging, model_only, dtype, start, stall)
+
+    def _joined(self, pending: _PendingSave) -> _PendingSave:
+        """Wait for the background start of `pending`; a failed start fails the save."""
+        if pending.begun is not None:
+            begun, pending.begun = pending.begun, None
+            try:
+                response = begun.result()
+                pending.future = response.upload_completion
+                pending.staging = response.staging_completion
+            except (Exception, CheckpointException) as e:  # the same on every rank
+                pending.future = Future()
+                pending.future.set_exception(e)
+        return pending
 
     def wait_for_staging(self) -> None:
         """Block until the in-flight save has copied the state; call before the optimizer
@@ -287,12 +314,14 @@ class CheckpointManager:
         if self.fast is not None:
             self.fast.wait_for_staging()
         pending = self._pending
-        if pending is not None and pending.staging is not None:
+        if pending is not None and (pending.begun is not None or pending.staging is not None):
             start = time.perf_counter()
-            try:
-                pending.staging.result()
-            except (Exception, CheckpointException):
-                pass  # the upload fails too; poll() raises it on every rank
+            self._joined(pending)
+            if pending.staging is not None:
+                try:
+                    pending.staging.result()
+                except (Exception, CheckpointException):
+                    pass  # the upload fails too; poll() raises it on every rank
             pending.stall += time.perf_counter() - start
             pending.staging = None
 
@@ -304,12 +333,14 @@ class CheckpointManager:
         pending = self._pending
         if pending is None:
             return
+        if wait or (pending.begun is not None and pending.begun.done()):
+            self._joined(pending)
         if wait:
             try:
                 pending.future.result()
             except (Exception, CheckpointException):
                 pass  # raised on every rank below
-        done = pending.future.done()
+        done = pending.future is not None and pending.future.done()
         failed = done and pending.future.exception() is not None
         flags = torch.tensor([int(done), int(failed)])
         dist.all_reduce(flags, group=self.ctrl)
@@ -330,6 +361,9 @@ class CheckpointManager:
         finally:
             if self.fast is not None:
                 self.fast.close()
+            if self._starter is not None:
+                self._starter.shutdown()
+                self._starter = None
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
@@ -358,23 +392,32 @@ class CheckpointManager:
     def _retrying(self, fn: Callable[[], Any], what: str) -> Any:
         return with_retries(fn, what, self.cfg.storage_retry_seconds)
 
-    def _check_finite(self, step: int) -> None:
-        """Never commit NaN/inf weights: every rank checks its shards, all raise alike."""
+    def _local_weights(self) -> list[torch.Tensor]:
+        """This rank's shards of the model's parameters."""
         from torch.distributed.tensor import DTensor
 
-        local = [p.to_local() if isinstance(p, DTensor) else p
-                 for part in self.model_parts for p in part.parameters()]
+        return [p.to_local() if isinstance(p, DTensor) else p
+                for part in self.model_parts for p in part.parameters()]
+
+    def _check_finite(self, step: int, weights: list[torch.Tensor] | None = None,
+                      group=None) -> None:
+        """Never commit NaN/inf weights: every rank checks its shards, all raise alike."""
+        weights = self._local_weights() if weights is None else weights
         # aminmax: two reductions, no full-size bool tensor (12x faster than isfinite);
         # NaN propagates into both, an inf is the min or the max.
         bad = sum(int(not torch.isfinite(torch.stack(torch.aminmax(t))).all())
-                  for t in local if t.numel())
+                  for t in weights if t.numel())
         flags = torch.tensor([int(bad)])
-        dist.all_reduce(flags, group=self.ctrl)
+        dist.all_reduce(flags, group=self.ctrl if group is None else group)
         if int(flags[0]):
             raise CheckpointError(
                 f"step {step}: the model holds non-finite (NaN/inf) weights ({int(flags[0])} "
                 f"tensors over all ranks), so it is not saved; the committed steps of "
                 f"{self.storage.url} are untouched (lower training.lr, or resume from one)")
+
+    def _prepare(self, step: int) -> None:
+        self._retrying(lambda: self._prepare_step_dir(step),
+                       f"preparing {self.storage.step_url(step)}")
 
     def _prepare_step_dir(self, step: int) -> None:
         """Make way for a save of `step` and record the intent (SAVING.json). This run's

@@ -76,10 +76,12 @@ MUTATIONS = [
              [f"{D}test_faults.py::test_sigkill_of_every_process_mid_persist_loses_nothing"
               "[async_with_pinned_mem]"]),
     Mutation("staging-wait-returns-early", "raytitan/checkpoint/manager.py",
-             '        pending = self._pending\n        if pending is not None and '
-             'pending.staging is not None:',
-             '        pending = None\n        if pending is not None and '
-             'pending.staging is not None:',
+             '        pending = self._pending\n        if pending is not None and (pending.begun',
+             '        pending = None\n        if pending is not None and (pending.begun',
+             [f"{U}test_reliability.py::test_the_optimizer_waits_for_the_background_copy"]),
+    Mutation("save-begun-not-joined-before-optimizer", "raytitan/checkpoint/manager.py",
+             "            self._joined(pending)\n            if pending.staging is not None:",
+             "            if pending.staging is not None:",
              [f"{U}test_reliability.py::test_the_optimizer_waits_for_the_background_copy"]),
     Mutation("commit-before-shards", "raytitan/checkpoint/manager.py",
              '            try:\n                dcp.save(state, storage_writer=writer, '
