@@ -83,6 +83,10 @@ MUTATIONS = [
              "            self._joined(pending)\n            if pending.staging is not None:",
              "            if pending.staging is not None:",
              [f"{U}test_reliability.py::test_the_optimizer_waits_for_the_background_copy"]),
+    Mutation("state-dict-survey-every-save", "raytitan/checkpoint/state.py",
+             "info = self._infos[(group, index)] = verify(",
+             "info = verify(",
+             [f"{U}test_checkpoint.py::test_state_dicts_survey_the_model_once_and_follow_replaced_parameters"]),
     Mutation("commit-before-shards", "raytitan/checkpoint/manager.py",
              '            try:\n                dcp.save(state, storage_writer=writer, '
              'planner=planner, process_group=self.pg)',

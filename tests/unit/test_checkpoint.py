@@ -593,3 +593,51 @@ def test_thread_count_writes_a_file_per_thread_and_loads_bitwise(tmp_path):
     assert same(resumed.weights(), weights)
     assert resumed.ckpt.loader.last_read_bytes == sum(  # every item of both files, once
         os.path.getsize(os.path.join(run.storage.step_path(2), name)) for name in shards)
+
+
+def test_state_dicts_survey_the_model_once_and_follow_replaced_parameters(monkeypatch):
+    """StepContents builds the model and optimizer state dicts as DCP's public functions
+    do, surveying each part (DCP's _verify_options) once, not at every save; the states
+    still follow a part whose parameters were replaced (a load may assign new ones)."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from raytitan.checkpoint.state import StepContents
+
+    surveys = []
+    verify = dcp_state_dict._verify_options
+    monkeypatch.setattr(dcp_state_dict, "_verify_options",
+                        lambda *a, **k: surveys.append(1) or verify(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    contents = StepContents([model], [opt], {}, 0)
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def check() -> None:
+        for ours, theirs in ((contents.merged_state("model"), get_model_state_dict(model)),
+                             (contents.merged_state("optimizer"),
+                              get_optimizer_state_dict(model, opt, options=flat))):
+            assert ours.keys() == theirs.keys()
+            for key, value in theirs.items():
+                assert (torch.equal(ours[key], value) if isinstance(value, torch.Tensor)
+                        else ours[key] == value), key
+
+    check()
+    count = len(surveys)
+    for _ in range(3):
+        contents.merged_state("model")
+        contents.merged_state("optimizer")
+    assert len(surveys) == count  # no survey per save
+    new = nn.Parameter(torch.ones(3, 4))  # a part's parameter replaced, in the optimizer too
+    opt.state[new] = opt.state.pop(model[0].weight)
+    opt.param_groups[0]["params"][0] = new
+    model[0].weight = new
+    check()
+    assert torch.equal(contents.merged_state("model")["0.weight"], torch.ones(3, 4))
