@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from raytitan.checkpoint.state import StepContents, rng_state
+from raytitan.checkpoint.state import StepContents, count_non_finite, rng_state
 from raytitan.checkpoint.storage import CheckpointError
 from raytitan.config.job_config import Checkpoint as CheckpointConfig
 
@@ -234,8 +234,13 @@ class FastTier:
     def _stage(self, step: int, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
         """The copy of the live tensors, before the optimizer changes them: into the
         in_memory file (then nothing is returned), else a clone to write. Returns
-        (snapshot, error)."""
+        (snapshot, error). Runs before the optimizer step (which waits for it), so it also
+        checks that the weights are finite: the ranks agree on every error in `_write`."""
         try:
+            if bad := count_non_finite(t for t in state["model"].values()
+                                       if isinstance(t, torch.Tensor)):
+                return None, (f"rank {self.rank}: {bad} model tensor(s) hold non-finite "
+                              "(NaN/inf) weights, so the step is not kept")
             if self.raw:
                 self._prepare(step)
                 _write_raw(self._path(step, self.rank), state)

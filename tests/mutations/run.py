@@ -87,6 +87,10 @@ MUTATIONS = [
              "info = self._infos[(group, index)] = verify(",
              "info = verify(",
              [f"{U}test_checkpoint.py::test_state_dicts_survey_the_model_once_and_follow_replaced_parameters"]),
+    Mutation("fast-tier-keeps-non-finite", "raytitan/checkpoint/fast.py",
+             'return None, (f"rank {self.rank}: {bad} model tensor(s)',
+             'pass; (f"rank {self.rank}: {bad} model tensor(s)',
+             [f"{U}test_tiers.py::test_non_finite_weights_are_never_kept_by_the_fast_tier"]),
     Mutation("commit-before-shards", "raytitan/checkpoint/manager.py",
              '            try:\n                dcp.save(state, storage_writer=writer, '
              'planner=planner, process_group=self.pg)',

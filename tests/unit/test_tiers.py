@@ -252,3 +252,23 @@ def test_elastic_sizes_must_all_fit_the_mesh():
     with pytest.raises(ConfigError, match=r"but \[3\] do not fit this job .* fit: \[1, 2, 4\]; "
                                           r"use ray.min_workers = 4"):
         elastic_sizes(odd)
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("local", "async"), ("in_memory", "disabled")])
+def test_non_finite_weights_are_never_kept_by_the_fast_tier(tmp_path, kind, mode, caplog):
+    """The fast tier's copy checks the weights (off the training thread when async): a step
+    with a NaN weight is logged as failed and not kept; the newest good step stays."""
+    run = fast_run(tmp_path, async_mode=mode, non_persistent_ckpt_type=kind)
+    run.step()
+    run.ckpt.save_fast(1)
+    run.ckpt.poll(wait=True)
+    run.step()
+    with torch.no_grad():
+        next(run.model.parameters())[0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="raytitan"):
+        run.ckpt.save_fast(2)
+        run.ckpt.poll(wait=True)
+    assert "fast-tier save of step 2 failed" in caplog.text
+    assert "non-finite (NaN/inf) weights" in caplog.text
+    assert run.ckpt.fast.last_complete == 1
+    assert not os.path.exists(os.path.join(run.ckpt.fast._step_dir(2), fast.COMPLETE))
