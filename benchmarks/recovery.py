@@ -123,28 +123,12 @@ def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bo
 def persistent_on_s3(a, data: str, work: Path) -> list[dict]:
     """The persistent-only run, cold and warm, with its steps in s3:// on moto_server."""
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import start_moto
+    from tests.conftest import moto_s3
 
-    proc, endpoint = start_moto(work / "moto.log")
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("raytitan-bench")
+    with moto_s3(work / "moto.log", "raytitan-bench") as url:
         return [run("persistent on s3", a, data, work,
-                    {"checkpoint.folder": f"s3://raytitan-bench/{'warm' if warm else 'cold'}"},
-                    False, warm) for warm in (False, True)]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+                    {"checkpoint.folder": f"{url}/{'warm' if warm else 'cold'}"}, False, warm)
+                for warm in (False, True)]
 
 
 def main() -> None:

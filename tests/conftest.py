@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -163,24 +164,34 @@ def start_moto(log_path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """Start moto_server on loopback, point the standard AWS env at it, make a bucket."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
-    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+@contextlib.contextmanager
+def moto_s3(log_path, bucket: str) -> Iterator[str]:
+    """moto_server on loopback with the standard AWS env pointed at it and `bucket` made:
+    yields "s3://<bucket>"; stops the server and restores the env after."""
+    proc, endpoint = start_moto(log_path)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import s3fs
+    try:
+        import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("raytitan-test")
-    yield "s3://raytitan-test"
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """Start moto_server on loopback, point the standard AWS env at it, make a bucket."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    with moto_s3(tmp_path_factory.mktemp("moto") / "moto.log", "raytitan-test") as url:
+        yield url
