@@ -36,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,27 +88,30 @@ def run(name: str, a, data: str, work: Path, fast: dict[str, str], lose_node: bo
            "-m", "raytitan.train"]
     for key, value in overrides.items():
         cmd += [f"--{key}", value]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    log = proc.stdout + proc.stderr
-    (work / f"{slug}.log").write_text(log)
-    shutil.rmtree(local, ignore_errors=True)
-    if proc.returncode != 0 or "done:" not in log:
-        raise SystemExit(f"{name}: torchrun failed ({proc.returncode}); see {work}/{slug}.log")
+    if a.from_logs:
+        log = (work / f"{slug}.log").read_text()
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        log = proc.stdout + proc.stderr
+        (work / f"{slug}.log").write_text(log)
+        shutil.rmtree(local, ignore_errors=True)
+        if proc.returncode != 0 or "done:" not in log:
+            raise SystemExit(f"{name}: torchrun failed ({proc.returncode}); see "
+                             f"{work}/{slug}.log")
     killed = float(re.search(r"RAYTITAN_KILLED_AT (\d+\.\d{3})", log).group(1))
     starts = re.findall(r"RAYTITAN_STEP_START (\d+) (\d+\.\d{3}) (\d+\.\d+)", log)
     after = [(int(step), float(t)) for step, t, attempt in starts if attempt != "0.0"]
     resumed = after[0][0] - 1
     again = next(t for step, t in after if step == a.kill_at)
-    persistent_stalls = [float(x) for x in re.findall(r"committed \S+ .*training blocked "
-                                                      r"([\d.]+) s", log)]
+    persistent_stalls = [float(x) for step, x in re.findall(  # the final save is synchronous
+        r"committed \S+/step-(\d+) .*training blocked ([\d.]+) s", log) if int(step) != a.steps]
     fast_stalls = [float(x) for x in re.findall(r"fast tier holds step \d+ .*training "
                                                 r"blocked ([\d.]+) s", log)]
     load = re.search(r"resumed from the FAST TIER, step \d+ of \S+ in ([\d.]+) s", log) or \
         re.search(r"checkpoint: loaded \[.*\] of \S+ in ([\d.]+) s", log)
     state = re.search(r"committed \S+ \(([\d.]+) MB\)", log)
     return {
-        "name": name, "wall_s": time.time() - start,
+        "name": name,
         "persistent_stall_s": statistics.median(persistent_stalls),
         "fast_stall_s": statistics.median(fast_stalls) if fast_stalls else None,
         "load_s": float(load.group(1)), "kill_to_step_s": after[0][1] - killed,
@@ -140,6 +142,8 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--dir", default="/tmp/raytitan-bench/recovery")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--from-logs", action="store_true",
+                   help="read the figures from the logs of the last run in --dir, run nothing")
     a = p.parse_args()
     work = Path(a.dir)
     data = dataset(work)
