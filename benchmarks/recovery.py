@@ -156,36 +156,34 @@ def main() -> None:
             for warm in (False, True) for name, over, lose in kinds if not warm or name != "local"]
     rows += persistent_on_s3(a, data, work)
     by = {r["name"]: r for r in rows}
-    cold = by["persistent"]["kill_to_step_s"]
     fast_rows = [r for r in rows if r["fast_stall_s"] is not None]
-    best = min(by["in_memory (warm)"]["kill_to_step_s"], by["replica (warm)"]["kill_to_step_s"])
+    cold_fast, warm_fast = ("local", "in_memory", "replica"), ("in_memory (warm)", "replica (warm)")
+
+    def third(fast_runs: tuple[str, ...], persistent_run: str, key: str) -> bool:
+        """The slowest of `fast_runs` takes <= 1/3 of `persistent_run` by `key`."""
+        return max(by[n][key] for n in fast_runs) <= by[persistent_run][key] / 3
+
+    step, again = "kill_to_step_s", "kill_to_again_s"
     goals = {
         "fast-tier stall <= async persistent stall": (
             max(r["fast_stall_s"] for r in fast_rows)
             <= min(r["persistent_stall_s"] for r in rows)),
-        "fast-tier recovery (kill to next step) <= 1/3 of persistent, both cold restarts": (
-            max(by[n]["kill_to_step_s"] for n in ("local", "in_memory", "replica")) <= cold / 3),
-        "fast tier with warm restarts <= 1/3 of persistent with cold restarts (the default)": (
-            max(by["in_memory (warm)"]["kill_to_step_s"], by["replica (warm)"]["kill_to_step_s"])
-            <= cold / 3),
-        "fast tier <= 1/3 of persistent, both warm restarts": (
-            best <= by["persistent (warm)"]["kill_to_step_s"] / 3),
+        "fast-tier recovery (kill to next step) <= 1/3 of persistent, both cold restarts":
+            third(cold_fast, "persistent", step),
+        "fast tier with warm restarts <= 1/3 of persistent with cold restarts (the default)":
+            third(warm_fast, "persistent", step),
+        "fast tier <= 1/3 of persistent, both warm restarts":
+            third(warm_fast, "persistent (warm)", step),
         "back at the killed step (kill to killed step again): fast tier <= 1/3 of "
-        "persistent, both cold restarts": (
-            max(by[n]["kill_to_again_s"] for n in ("local", "in_memory", "replica"))
-            <= by["persistent"]["kill_to_again_s"] / 3),
-        "back at the killed step: fast tier <= 1/3 of persistent, both warm restarts": (
-            max(by["in_memory (warm)"]["kill_to_again_s"], by["replica (warm)"]["kill_to_again_s"])
-            <= by["persistent (warm)"]["kill_to_again_s"] / 3),
-        "fast tier <= 1/3 of persistent on s3, both cold restarts": (
-            max(by[n]["kill_to_step_s"] for n in ("local", "in_memory", "replica"))
-            <= by["persistent on s3"]["kill_to_step_s"] / 3),
-        "fast tier <= 1/3 of persistent on s3, both warm restarts": (
-            max(by["in_memory (warm)"]["kill_to_step_s"], by["replica (warm)"]["kill_to_step_s"])
-            <= by["persistent on s3 (warm)"]["kill_to_step_s"] / 3),
-        "back at the killed step: fast tier <= 1/3 of persistent on s3, both warm restarts": (
-            max(by["in_memory (warm)"]["kill_to_again_s"], by["replica (warm)"]["kill_to_again_s"])
-            <= by["persistent on s3 (warm)"]["kill_to_again_s"] / 3),
+        "persistent, both cold restarts": third(cold_fast, "persistent", again),
+        "back at the killed step: fast tier <= 1/3 of persistent, both warm restarts":
+            third(warm_fast, "persistent (warm)", again),
+        "fast tier <= 1/3 of persistent on s3, both cold restarts":
+            third(cold_fast, "persistent on s3", step),
+        "fast tier <= 1/3 of persistent on s3, both warm restarts":
+            third(warm_fast, "persistent on s3 (warm)", step),
+        "back at the killed step: fast tier <= 1/3 of persistent on s3, both warm restarts":
+            third(warm_fast, "persistent on s3 (warm)", again),
         f"steps redone <= non_persistent_save_interval ({a.fast_interval})": (
             max(r["steps_redone"] for r in fast_rows) <= a.fast_interval),
     }

@@ -301,7 +301,7 @@ class CheckpointManager:
             async_checkpointer_type=AsyncCheckpointerType.THREAD
             if self.cfg.async_mode == "async" else AsyncCheckpointerType.PROCESS)
 
-    def _joined(self, pending: _PendingSave) -> _PendingSave:
+    def _joined(self, pending: _PendingSave) -> None:
         """Wait for the background start of `pending`; a failed start fails the save."""
         if pending.begun is not None:
             begun, pending.begun = pending.begun, None
@@ -312,7 +312,6 @@ class CheckpointManager:
             except (Exception, CheckpointException) as e:  # the same on every rank
                 pending.future = Future()
                 pending.future.set_exception(e)
-        return pending
 
     def wait_for_staging(self) -> None:
         """Block until the in-flight save has copied the state; call before the optimizer
@@ -405,11 +404,10 @@ class CheckpointManager:
         return [p.to_local() if isinstance(p, DTensor) else p
                 for part in self.model_parts for p in part.parameters()]
 
-    def _check_finite(self, step: int, weights: list[torch.Tensor] | None = None,
-                      group=None) -> None:
-        """Never commit NaN/inf weights: every rank checks its shards, all raise alike."""
-        bad = count_non_finite(self._local_weights() if weights is None else weights)
-        flags = torch.tensor([bad])
+    def _check_finite(self, step: int, weights: list[torch.Tensor], group=None) -> None:
+        """Never commit NaN/inf weights: every rank checks its shards (`weights`), all
+        raise alike."""
+        flags = torch.tensor([count_non_finite(weights)])
         dist.all_reduce(flags, group=self.ctrl if group is None else group)
         if int(flags[0]):
             raise CheckpointError(

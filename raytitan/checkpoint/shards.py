@@ -15,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
-import torch
-import torch.utils.serialization
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+from torch.utils.serialization import config as torch_serialization
 
 from raytitan.checkpoint.crc import crc32, crc32_combine
 from raytitan.checkpoint.objectstore import RANGES_IN_FLIGHT, ParallelUpload, RangeReader
@@ -120,22 +119,22 @@ def _zip_crc32_off(off: bool) -> Iterator[None]:
     torch reads the flag per torch.save, process-wide; overlapping writers keep it off
     until the last one ends."""
     global _zip_crc32_off_count, _zip_crc32_before
-    config = getattr(torch.utils.serialization, "config", None)  # torch >= 2.6
-    if not off or config is None:
+    if not off:
         yield
         return
+    save = torch_serialization.save
     with _zip_crc32_lock:
         if not _zip_crc32_off_count:
-            _zip_crc32_before = config.save.compute_crc32
+            _zip_crc32_before = save.compute_crc32
         _zip_crc32_off_count += 1
-        config.save.compute_crc32 = False
+        save.compute_crc32 = False
     try:
         yield
     finally:
         with _zip_crc32_lock:
             _zip_crc32_off_count -= 1
             if not _zip_crc32_off_count:
-                config.save.compute_crc32 = _zip_crc32_before
+                save.compute_crc32 = _zip_crc32_before
 
 
 class StepWriter(FsspecWriter):

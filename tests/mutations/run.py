@@ -220,7 +220,7 @@ MUTATIONS = [
              ["tests/integration/test_s3.py::"
               "test_shard_files_go_up_as_parallel_parts_and_items_come_back_in_few_gets"]),
     Mutation("torch-zip-crc32-kept", "raytitan/checkpoint/shards.py",
-             "        config.save.compute_crc32 = False", "        pass",
+             "        save.compute_crc32 = False", "        pass",
              [f"{U}test_checkpoint.py::test_torchs_zip_crc32_is_off_only_while_our_item_crc32s_are_recorded"]),
     Mutation("torch-zip-crc32-off-without-ours", "raytitan/checkpoint/shards.py",
              "with _zip_crc32_off(self.fs.with_crc):", "with _zip_crc32_off(True):",
